@@ -1,0 +1,14 @@
+/* cpu.h - the CPU backend: blocked online-softmax flash attention in C. */
+#ifndef MF_CPU_H
+#define MF_CPU_H
+
+#include "problem.h"
+
+/* Runs the forward pass of a validated CPU problem on up to n_threads threads. Call without the
+ * GIL. Returns MF_OK or an error (out of memory). */
+int mf_cpu_forward(const mf_problem *pb, int n_threads, mf_error *err);
+
+/* The SIMD path in use ("avx2+fma" or "generic"). */
+const char *mf_cpu_simd_path(void);
+
+#endif /* MF_CPU_H */

@@ -1,0 +1,5 @@
+/* kernel_avx2.c - the CPU building blocks compiled with -mavx2 -mfma -mf16c (x86-64 only; used
+ * only when the CPU reports those features). */
+#define MF_KERNEL_AVX2 1
+#define MF_KTABLE mf_cpu_kernels_avx2
+#include "cpu/kernel_impl.inc"

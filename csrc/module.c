@@ -1,0 +1,248 @@
+/* module.c - the extension module mtlflash._C: argument parsing, output allocation, dispatch.
+ *
+ * Pipeline: Python objects -> tensor views (tensor.c) -> one validated problem (problem.c)
+ * -> plan (plan.c) -> backend (cpu/ or metal/). The GIL is released only around the compute. */
+#define PY_SSIZE_T_CLEAN
+#define PY_ARRAY_UNIQUE_SYMBOL mtlflash_ARRAY_API
+#include <Python.h>
+#include <numpy/arrayobject.h>
+#include <stdlib.h>
+
+#include "cpu/cpu.h"
+#include "metal/bridge.h"
+#include "plan.h"
+#include "problem.h"
+#include "tensor.h"
+
+static PyObject *raise(const mf_error *err) {
+    PyObject *type = PyExc_RuntimeError;
+    switch (err->kind) {
+    case MF_ERR_TYPE: type = PyExc_TypeError; break;
+    case MF_ERR_VALUE: type = PyExc_ValueError; break;
+    case MF_ERR_NOTIMPL: type = PyExc_NotImplementedError; break;
+    case MF_ERR_MEMORY: type = PyExc_MemoryError; break;
+    default: break;
+    }
+    PyErr_SetString(type, err->msg);
+    return NULL;
+}
+
+/* Every argument of one attention call, as the Python layer passes them. */
+typedef struct call_args {
+    const char *fn;
+    PyObject *q, *k, *v, *out, *lse, *cu_q, *cu_k, *alibi;
+    long long max_q, max_k, window_left, window_right;
+    PyObject *scale;
+    int causal, want_lse, num_splits;
+    double softcap;
+    mf_tensor tq, tk, tv, tout, tlse, tcu_q, tcu_k, talibi;
+    mf_options opt;
+} call_args;
+
+/* Builds views and options from parsed arguments (outputs only if given). */
+static int views_and_options(call_args *a, mf_error *err) {
+    int rc;
+    const char *fn = a->fn;
+    if ((rc = mf_tensor_view(a->q, fn, "q", 0, &a->tq, err))) return rc;
+    if ((rc = mf_tensor_view(a->k, fn, "k", 0, &a->tk, err))) return rc;
+    if ((rc = mf_tensor_view(a->v, fn, "v", 0, &a->tv, err))) return rc;
+    if ((rc = mf_tensor_view(a->out, fn, "out", 1, &a->tout, err))) return rc;
+    if ((rc = mf_tensor_view(a->lse, fn, "lse", 1, &a->tlse, err))) return rc;
+    if ((rc = mf_tensor_view(a->cu_q, fn, "cu_seqlens_q", 1, &a->tcu_q, err))) return rc;
+    if ((rc = mf_tensor_view(a->cu_k, fn, "cu_seqlens_k", 1, &a->tcu_k, err))) return rc;
+    if ((rc = mf_tensor_view(a->alibi, fn, "alibi_slopes", 1, &a->talibi, err))) return rc;
+    mf_options *o = &a->opt;
+    o->fn = fn;
+    o->varlen = a->tcu_q.present || a->tcu_k.present;
+    o->has_scale = a->scale != Py_None;
+    if (o->has_scale) {
+        o->softmax_scale = PyFloat_AsDouble(a->scale);
+        if (o->softmax_scale == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return mf_fail(err, MF_ERR_TYPE, "[%s] softmax_scale: expected a float or None, got %s", fn,
+                           Py_TYPE(a->scale)->tp_name);
+        }
+    }
+    o->causal = a->causal;
+    o->window_left = a->window_left;
+    o->window_right = a->window_right;
+    o->softcap = a->softcap;
+    o->max_seqlen_q = a->max_q;
+    o->max_seqlen_k = a->max_k;
+    o->want_lse = a->want_lse;
+    return MF_OK;
+}
+
+static int build(call_args *a, mf_problem *pb, mf_error *err) {
+    int rc = views_and_options(a, err);
+    if (rc) return rc;
+    return mf_problem_build(pb, &a->tq, &a->tk, &a->tv, &a->tout, &a->tlse, &a->tcu_q, &a->tcu_k,
+                            &a->talibi, &a->opt, err);
+}
+
+static char *g_kwlist[] = {"fn", "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                           "max_seqlen_k", "softmax_scale", "causal", "window_left", "window_right",
+                           "softcap", "alibi_slopes", "return_lse", "out", "lse", "num_splits", NULL};
+
+static int parse(PyObject *args, PyObject *kwargs, const char *format, call_args *a) {
+    memset(a, 0, sizeof *a);
+    a->cu_q = a->cu_k = a->alibi = a->out = a->lse = a->scale = Py_None;
+    a->window_left = a->window_right = -1;
+    a->num_splits = 1;
+    return PyArg_ParseTupleAndKeywords(args, kwargs, format, g_kwlist, &a->fn, &a->q, &a->k, &a->v,
+                                       &a->cu_q, &a->cu_k, &a->max_q, &a->max_k, &a->scale,
+                                       &a->causal, &a->window_left, &a->window_right, &a->softcap,
+                                       &a->alibi, &a->want_lse, &a->out, &a->lse, &a->num_splits);
+}
+
+#define FORWARD_FORMAT "sOOO|OOLLOpLLdOpOOi:forward"
+
+PyDoc_STRVAR(forward_doc,
+"forward($module, /, fn, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,\n"
+"        max_seqlen_k=0, softmax_scale=None, causal=False, window_left=-1, window_right=-1,\n"
+"        softcap=0.0, alibi_slopes=None, return_lse=False)\n--\n\n"
+"Validates one attention call, chooses its tier and runs it when the tier is native.\n"
+"Returns (out, lse or None, tier). For the 'reference' tier nothing is computed and\n"
+"out and lse are None: the caller runs mtlflash.reference.");
+
+static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    call_args a;
+    mf_problem pb;
+    mf_plan plan;
+    mf_error err = {MF_OK, ""};
+    PyObject *out = NULL, *lse = NULL;
+    if (!parse(args, kwargs, FORWARD_FORMAT, &a)) return NULL;
+    a.out = a.lse = Py_None; /* outputs are allocated here */
+    if (build(&a, &pb, &err)) return raise(&err);
+    if (mf_plan_choose(&pb, getenv("MTLFLASH_KERNEL"), &plan, &err)) return raise(&err);
+    if (plan.tier == MF_TIER_REFERENCE) return Py_BuildValue("(OOs)", Py_None, Py_None, "reference");
+    if (plan.tier != MF_TIER_CPU) {
+        mf_fail(&err, MF_ERR_RUNTIME, "[%s] tier %s has no dispatch in this build", a.fn,
+                mf_tier_name(plan.tier));
+        return raise(&err);
+    }
+
+    int64_t shape[4];
+    int n = mf_problem_out_shape(&pb, shape);
+    out = mf_tensor_new_like(a.q, &a.tq, n, shape, pb.dtype);
+    if (out == NULL) goto fail;
+    if (a.want_lse) {
+        n = mf_problem_lse_shape(&pb, shape);
+        lse = mf_tensor_new_like(a.q, &a.tq, n, shape, MF_F32);
+        if (lse == NULL) goto fail;
+    }
+    a.out = out;
+    a.lse = lse ? lse : Py_None;
+    if (build(&a, &pb, &err)) {
+        raise(&err);
+        goto fail;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mf_cpu_forward(&pb, plan.num_threads, &err);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        raise(&err);
+        goto fail;
+    }
+    PyObject *res = Py_BuildValue("(OOs)", out, lse ? lse : Py_None, mf_tier_name(plan.tier));
+    Py_DECREF(out);
+    Py_XDECREF(lse);
+    return res;
+fail:
+    Py_XDECREF(out);
+    Py_XDECREF(lse);
+    return NULL;
+}
+
+#define PARAMS_FORMAT "sOOO|OOLLOpLLdOpOOi:metal_params"
+
+PyDoc_STRVAR(metal_params_doc,
+"metal_params($module, /, fn, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,\n"
+"             max_seqlen_k=0, softmax_scale=None, causal=False, window_left=-1, window_right=-1,\n"
+"             softcap=0.0, alibi_slopes=None, return_lse=False, out=None, lse=None, num_splits=1)\n"
+"--\n\n"
+"Validates a call exactly like forward() and returns the mf_params block (bytes) that the\n"
+"Metal kernels receive, for the given out (and lse) buffers. num_splits > 1 sets the split-KV\n"
+"fields (split_size = ceil(max keys / num_splits)).");
+
+static PyObject *py_metal_params(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    call_args a;
+    mf_problem pb;
+    mf_error err = {MF_OK, ""};
+    if (!parse(args, kwargs, PARAMS_FORMAT, &a)) return NULL;
+    if (a.out == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "metal_params: out is required");
+        return NULL;
+    }
+    if (a.num_splits < 1) {
+        PyErr_SetString(PyExc_ValueError, "metal_params: num_splits must be >= 1");
+        return NULL;
+    }
+    if (build(&a, &pb, &err)) return raise(&err);
+    pb.p.num_splits = a.num_splits;
+    pb.p.split_size = a.num_splits > 1 ? (pb.p.seqlen_k + a.num_splits - 1) / a.num_splits : 0;
+    return PyBytes_FromStringAndSize((const char *)&pb.p, sizeof pb.p);
+}
+
+PyDoc_STRVAR(tiers_doc, "tiers($module, /)\n--\n\nList of (tier, available, reason).");
+
+static PyObject *py_tiers(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    PyObject *list = PyList_New(0);
+    if (list == NULL) return NULL;
+    for (int t = 0; t < MF_NUM_TIERS; t++) {
+        char reason[256];
+        int ok = mf_tier_available((mf_tier)t, reason, sizeof reason);
+        PyObject *item = Py_BuildValue("(sOs)", mf_tier_name((mf_tier)t), ok ? Py_True : Py_False, reason);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return list;
+}
+
+PyDoc_STRVAR(build_info_doc, "build_info($module, /)\n--\n\nFacts about this build: SIMD path, Metal bridge, params size.");
+
+static PyObject *py_build_info(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("{s:s,s:s,s:n,s:i}", "cpu_simd", mf_cpu_simd_path(), "metal",
+                         mf_metal_build_info(), "params_size", (Py_ssize_t)sizeof(mf_params),
+                         "max_head_dim", MF_MAX_HEAD_DIM);
+}
+
+PyDoc_STRVAR(num_threads_doc, "num_threads($module, /)\n--\n\nCPU threads a call uses (MTLFLASH_NUM_THREADS or all cores).");
+
+static PyObject *py_num_threads(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    mf_error err = {MF_OK, ""};
+    int n = mf_plan_num_threads(&err);
+    if (n < 0) return raise(&err);
+    return PyLong_FromLong(n);
+}
+
+static PyMethodDef methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))py_forward, METH_VARARGS | METH_KEYWORDS, forward_doc},
+    {"metal_params", (PyCFunction)(void (*)(void))py_metal_params, METH_VARARGS | METH_KEYWORDS, metal_params_doc},
+    {"tiers", py_tiers, METH_NOARGS, tiers_doc},
+    {"build_info", py_build_info, METH_NOARGS, build_info_doc},
+    {"num_threads", py_num_threads, METH_NOARGS, num_threads_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "mtlflash._C",
+                                    "mtlflash's C core (see mtlflash for the public API).", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__C(void) {
+    import_array();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,109 @@
+/* plan.c - which tier runs a problem.
+ *
+ *   device  | auto choice                                   | MTLFLASH_KERNEL=<tier>
+ *   cpu     | cpu                                           | cpu or reference; Metal tiers refuse
+ *   mps     | a Metal tier when the bridge serves the shape, | that tier, or an error with the reason
+ *           | else reference (torch on the same device)     |
+ *
+ * Forcing a tier that cannot run raises with the reason; nothing silently runs something else. */
+#include "plan.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "metal/bridge.h"
+
+static const char *const g_tier_names[MF_NUM_TIERS] = {"cpu", "vec", "simdgroup", "tensorops",
+                                                       "reference"};
+
+const char *mf_tier_name(mf_tier tier) {
+    return (tier >= 0 && tier < MF_NUM_TIERS) ? g_tier_names[tier] : "?";
+}
+
+static int is_metal_tier(mf_tier t) {
+    return t == MF_TIER_VEC || t == MF_TIER_SIMDGROUP || t == MF_TIER_TENSOROPS;
+}
+
+int mf_tier_available(mf_tier tier, char *reason, size_t n) {
+    if (is_metal_tier(tier)) return mf_metal_available(reason, n);
+    snprintf(reason, n, "%s", tier == MF_TIER_CPU ? "always available" : "runs wherever torch runs");
+    return 1;
+}
+
+int mf_tier_supports(mf_tier tier, const mf_problem *pb, char *reason, size_t n) {
+    if (!mf_tier_available(tier, reason, n)) return 0;
+    switch (tier) {
+    case MF_TIER_CPU:
+        if (pb->device != MF_DEV_CPU) {
+            snprintf(reason, n, "the cpu tier runs on CPU tensors and NumPy arrays, but the inputs are on %s",
+                     mf_device_name(pb->device));
+            return 0;
+        }
+        return 1;
+    case MF_TIER_REFERENCE:
+        if (pb->tq.is_numpy) {
+            snprintf(reason, n, "the reference tier runs in torch, but the inputs are NumPy arrays");
+            return 0;
+        }
+        return 1;
+    default: /* Metal tiers */
+        if (pb->device != MF_DEV_MPS) {
+            snprintf(reason, n, "the %s tier runs on MPS tensors, but the inputs are on %s",
+                     mf_tier_name(tier), mf_device_name(pb->device));
+            return 0;
+        }
+        snprintf(reason, n, "no Metal kernel serves this problem yet");
+        return 0;
+    }
+}
+
+int mf_plan_num_threads(mf_error *err) {
+    const char *env = getenv("MTLFLASH_NUM_THREADS");
+    if (env != NULL && *env != '\0') {
+        char *end = NULL;
+        long v = strtol(env, &end, 10);
+        if (*end != '\0' || v < 1 || v > 1024)
+            return -mf_fail(err, MF_ERR_VALUE,
+                            "MTLFLASH_NUM_THREADS: expected an integer between 1 and 1024, got '%s'", env);
+        return (int)v;
+    }
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : (n > 1024 ? 1024 : (int)n);
+}
+
+int mf_plan_choose(const mf_problem *pb, const char *forced, mf_plan *plan, mf_error *err) {
+    char reason[256];
+    memset(plan, 0, sizeof *plan);
+    int nt = mf_plan_num_threads(err);
+    if (nt < 0) return err->kind;
+    plan->num_threads = nt;
+
+    if (forced != NULL && *forced != '\0' && strcmp(forced, "auto") != 0) {
+        for (int t = 0; t < MF_NUM_TIERS; t++) {
+            if (strcmp(forced, g_tier_names[t]) != 0) continue;
+            if (!mf_tier_supports((mf_tier)t, pb, reason, sizeof reason))
+                return mf_fail(err, MF_ERR_RUNTIME, "[%s] MTLFLASH_KERNEL=%s cannot run this call: %s",
+                               pb->fn, forced, reason);
+            plan->tier = (mf_tier)t;
+            return MF_OK;
+        }
+        return mf_fail(err, MF_ERR_VALUE,
+                       "MTLFLASH_KERNEL: unknown tier '%s'; valid values: auto, cpu, vec, simdgroup, "
+                       "tensorops, reference", forced);
+    }
+    if (pb->device == MF_DEV_CPU) {
+        plan->tier = MF_TIER_CPU;
+        return MF_OK;
+    }
+    static const mf_tier metal_order[3] = {MF_TIER_TENSOROPS, MF_TIER_SIMDGROUP, MF_TIER_VEC};
+    for (int i = 0; i < 3; i++) {
+        if (mf_tier_supports(metal_order[i], pb, reason, sizeof reason)) {
+            plan->tier = metal_order[i];
+            return MF_OK;
+        }
+    }
+    plan->tier = MF_TIER_REFERENCE;
+    return MF_OK;
+}

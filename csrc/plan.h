@@ -1,0 +1,35 @@
+/* plan.h - chooses the tier that runs a problem, honouring MTLFLASH_KERNEL. */
+#ifndef MF_PLAN_H
+#define MF_PLAN_H
+
+#include "problem.h"
+
+typedef enum mf_tier {
+    MF_TIER_CPU = 0,
+    MF_TIER_VEC,
+    MF_TIER_SIMDGROUP,
+    MF_TIER_TENSOROPS,
+    MF_TIER_REFERENCE,
+    MF_NUM_TIERS
+} mf_tier;
+
+typedef struct mf_plan {
+    mf_tier tier;
+    int num_threads; /* cpu tier */
+} mf_plan;
+
+const char *mf_tier_name(mf_tier tier);
+
+/* Is the tier usable in this build/process at all? Returns 1, or 0 with the reason. */
+int mf_tier_available(mf_tier tier, char *reason, size_t reason_len);
+
+/* Can the tier run this problem? Returns 1, or 0 with the reason. */
+int mf_tier_supports(mf_tier tier, const mf_problem *pb, char *reason, size_t reason_len);
+
+/* `forced` is the MTLFLASH_KERNEL value (NULL or "" or "auto" for automatic choice). */
+int mf_plan_choose(const mf_problem *pb, const char *forced, mf_plan *plan, mf_error *err);
+
+/* CPU threads to use: MTLFLASH_NUM_THREADS, else the number of online cores. */
+int mf_plan_num_threads(mf_error *err);
+
+#endif /* MF_PLAN_H */

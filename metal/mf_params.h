@@ -1,0 +1,90 @@
+/* mf_params.h - the one argument struct shared by the C host and every attention kernel.
+ *
+ * Included by csrc/ (C11), by the metal/ kernels (MSL) and by the emulator (C++17). The CPU backend
+ * reads the same struct, so every backend sees one description of the problem.
+ *
+ * Layout rules (so that C, C++ and MSL agree byte for byte): 64-bit fields first, then 32-bit
+ * ints, then floats; the total size is a multiple of 8. csrc/problem.c asserts the size.
+ *
+ * Addressing, for sequence b, row i of that sequence, head h (all strides in elements):
+ *   start_q(b) = (flags & MF_FLAG_VARLEN) ? cu_seqlens_q[b] : 0        (same for k with cu_seqlens_k)
+ *   q  + b*q_stride_b  + (start_q(b) + i)*q_stride_s  + h*q_stride_h        (+ d, unit stride)
+ *   k  + b*k_stride_b  + (start_k(b) + j)*k_stride_s  + (h / group)*k_stride_h
+ *   o  + b*o_stride_b  + (start_q(b) + i)*o_stride_s  + h*o_stride_h
+ *   lse[b*lse_stride_b + h*lse_stride_h + start_q(b) + i]
+ * Varlen problems have every *_stride_b == 0. Dense lse is (B, Hq, Sq); varlen lse is (Hq, total_q).
+ *
+ * Lengths: dense: seqlen_q / seqlen_k. Varlen: sq_b = cu_seqlens_q[b+1] - cu_seqlens_q[b] (and k
+ * likewise); seqlen_q / seqlen_k then hold the maxima (for grid sizing).
+ *
+ * Masking (per sequence, offset = sk_b - sq_b, bottom-right aligned): query i sees key j iff
+ *   0 <= j < sk_b, and (window_left  < 0 || j >= i + offset - window_left)
+ *                  and (window_right < 0 || j <= i + offset + window_right).
+ * causal is window_right == 0 (MF_FLAG_CAUSAL is set as well, for information only).
+ *
+ * Score of a visible pair, in natural-log units:
+ *   s = q.k * scale;  if softcap > 0: s = softcap * tanh(s / softcap);
+ *   if ALiBi: s -= slope(b, h) * |i + offset - j|,  slope = alibi[b*alibi_stride_b + h]
+ * out = softmax(s) @ v; lse = log(sum exp(s)) (+inf, and a zero output row, when no key is seen).
+ */
+#ifndef MF_PARAMS_H
+#define MF_PARAMS_H
+
+#ifdef __METAL_VERSION__
+typedef long mf_i64;
+typedef int mf_i32;
+#else
+#include <stdint.h>
+typedef int64_t mf_i64;
+typedef int32_t mf_i32;
+#endif
+
+/* flags */
+#define MF_FLAG_VARLEN 1  /* cu_seqlens_q / cu_seqlens_k are bound and used */
+#define MF_FLAG_ALIBI 2   /* alibi slopes bound (fp32) */
+#define MF_FLAG_SOFTCAP 4 /* softcap > 0 */
+#define MF_FLAG_LSE 8     /* write lse */
+#define MF_FLAG_CAUSAL 16 /* informational: window_right == 0 came from causal=True */
+
+/* Fixed buffer slots of every attention kernel (the bridge and the emulator bind by these).
+ * Unused slots are bound to a small dummy buffer. */
+#define MF_SLOT_Q 0
+#define MF_SLOT_K 1
+#define MF_SLOT_V 2
+#define MF_SLOT_O 3
+#define MF_SLOT_LSE 4
+#define MF_SLOT_CU_Q 5
+#define MF_SLOT_CU_K 6
+#define MF_SLOT_ALIBI 7
+#define MF_SLOT_SCRATCH 8 /* fp32 workspace, e.g. split-KV partials */
+#define MF_SLOT_PARAMS 9  /* this struct, by value (setBytes) */
+#define MF_NUM_SLOTS 10
+
+typedef struct mf_params {
+    /* element strides: batch, token, head (head dim stride is always 1) */
+    mf_i64 q_stride_b, q_stride_s, q_stride_h;
+    mf_i64 k_stride_b, k_stride_s, k_stride_h;
+    mf_i64 v_stride_b, v_stride_s, v_stride_h;
+    mf_i64 o_stride_b, o_stride_s, o_stride_h;
+    mf_i64 lse_stride_b, lse_stride_h;
+    mf_i64 alibi_stride_b; /* 0 when the slopes are (H,), H when (B, H) */
+    /* sizes */
+    mf_i32 batch;
+    mf_i32 heads_q, heads_k, group; /* group = heads_q / heads_k */
+    mf_i32 head_dim, head_dim_v;
+    mf_i32 seqlen_q, seqlen_k; /* dense lengths; varlen: the maxima */
+    mf_i32 window_left, window_right; /* < 0: unbounded */
+    mf_i32 flags;
+    mf_i32 num_splits; /* split-KV decode: key splits per row (1 = no split) */
+    mf_i32 split_size; /* keys per split when num_splits > 1 */
+    mf_i32 reserved0;
+    /* scalars */
+    float scale;      /* softmax scale, natural units */
+    float scale_log2; /* scale * log2(e) */
+    float softcap;    /* 0 = off */
+    float reserved1;
+} mf_params;
+
+#define MF_PARAMS_SIZE 192
+
+#endif /* MF_PARAMS_H */

@@ -1,0 +1,298 @@
+"""The FlashAttention-2 Python API.
+
+All six public functions normalise their arguments through :func:`_attention`, which hands one
+call to the C core (``mtlflash._C.forward``). The core validates everything, chooses the tier
+and runs native tiers; for the ``reference`` tier (MPS tensors that no Metal kernel serves, or
+``MTLFLASH_KERNEL=reference``) this module runs :mod:`mtlflash.reference` on the same device.
+"""
+from __future__ import annotations
+
+import operator
+
+from . import _C, trace
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
+    "metal_params",
+]
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+
+
+def _type_name(x) -> str:
+    return type(x).__module__ + "." + type(x).__qualname__ if type(x).__module__ != "builtins" else type(x).__name__
+
+
+def _check_dropout(fn, dropout_p):
+    try:
+        p = float(dropout_p)
+    except (TypeError, ValueError):
+        raise TypeError(f"[{fn}] dropout_p: expected a float, got {_type_name(dropout_p)}") from None
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"[{fn}] dropout_p: expected a probability in [0, 1], got {p}")
+    if p > 0.0:
+        raise NotImplementedError(
+            f"[{fn}] dropout_p={p}: dropout is not implemented in mtlflash (only dropout_p=0.0 is supported)"
+        )
+
+
+def _as_int(fn, name, x):
+    if _is_torch(x):
+        if x.numel() != 1 or x.is_floating_point() or x.is_complex():
+            raise TypeError(f"[{fn}] {name}: expected an int or a 0-d integer tensor, got a tensor of shape "
+                            f"{tuple(x.shape)} and dtype {x.dtype}")
+        return int(x.item())
+    if isinstance(x, bool):
+        raise TypeError(f"[{fn}] {name}: expected an int, got bool")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"[{fn}] {name}: expected an int, got {_type_name(x)}") from None
+
+
+def _window(fn, window_size):
+    ws = window_size
+    if _is_torch(ws) or hasattr(ws, "tolist") and not isinstance(ws, (list, tuple)):
+        ws = ws.tolist()
+    if not isinstance(ws, (tuple, list)) or len(ws) != 2:
+        raise TypeError(f"[{fn}] window_size: expected two ints (left, right), got {window_size!r}")
+    try:
+        left, right = (operator.index(w) for w in ws)
+    except TypeError:
+        raise TypeError(f"[{fn}] window_size: expected two ints (left, right), got {window_size!r}") from None
+    if isinstance(ws[0], bool) or isinstance(ws[1], bool):
+        raise TypeError(f"[{fn}] window_size: expected two ints (left, right), got {window_size!r}")
+    return left, right
+
+
+def _as_float(fn, name, x):
+    if isinstance(x, bool):
+        raise TypeError(f"[{fn}] {name}: expected a float, got bool")
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"[{fn}] {name}: expected a float, got {_type_name(x)}") from None
+
+
+def _as_bool(fn, name, x):
+    if isinstance(x, bool):
+        return x
+    if isinstance(x, int) or (_is_torch(x) and x.numel() == 1):
+        return bool(x)
+    raise TypeError(f"[{fn}] {name}: expected a bool, got {_type_name(x)}")
+
+
+def _cpu_offsets(x):
+    """cu_seqlens are read by the C core on the CPU; device tensors are copied (B+1 ints)."""
+    if _is_torch(x) and x.device.type != "cpu":
+        return x.cpu()
+    return x
+
+
+def _unpack(fn, name, x, ndim, axis, count, layout):
+    """Splits a packed qkv/kv tensor into views (no copies), checking what only it can show."""
+    if not (_is_torch(x) or type(x).__module__ == "numpy"):
+        raise TypeError(f"[{fn}] {name}: expected a torch.Tensor or numpy.ndarray, got {_type_name(x)}")
+    if x.ndim != ndim or x.shape[axis] != count:
+        raise ValueError(f"[{fn}] {name}: expected shape {layout}, got {tuple(x.shape)}")
+    index = [slice(None)] * axis
+    return tuple(x[tuple(index + [i])] for i in range(count))
+
+
+def _empty_like(x):
+    """The S_dmask placeholder FlashAttention-2 returns when dropout is off."""
+    if _is_torch(x):
+        import torch
+
+        return torch.empty(0, dtype=x.dtype, device=x.device)
+    import numpy as np
+
+    return np.empty((0,), dtype=x.dtype)
+
+
+def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, softcap, alibi, want_lse):
+    out, lse, tier = _C.forward(
+        fn, q, k, v, _cpu_offsets(cu_q), _cpu_offsets(cu_k), max_q, max_k, softmax_scale, causal,
+        window[0], window[1], softcap, alibi, want_lse,
+    )
+    if tier == "reference":
+        from . import reference
+
+        ref_out, ref_lse = reference.attention(
+            q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window, softcap=softcap,
+            alibi_slopes=alibi, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        )
+        out = ref_out.to(q.dtype)
+        lse = ref_lse if want_lse else None
+    return out, lse, tier
+
+
+def _attention(fn, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+               dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+               block_table=None):
+    """The one normalising path behind every public function."""
+    _check_dropout(fn, dropout_p)
+    if block_table is not None:
+        raise NotImplementedError(f"[{fn}] block_table: paged KV is not implemented in mtlflash yet")
+    window = _window(fn, window_size)
+    causal = _as_bool(fn, "causal", causal)
+    softcap = _as_float(fn, "softcap", softcap)
+    return_attn_probs = _as_bool(fn, "return_attn_probs", return_attn_probs)
+    if softmax_scale is not None:
+        softmax_scale = _as_float(fn, "softmax_scale", softmax_scale)
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            missing = "cu_seqlens_q" if cu_seqlens_q is None else "cu_seqlens_k"
+            raise TypeError(f"[{fn}] {missing}: expected an int32 tensor, got None")
+        max_q = _as_int(fn, "max_seqlen_q", max_seqlen_q)
+        max_k = _as_int(fn, "max_seqlen_k", max_seqlen_k)
+    else:
+        max_q = max_k = 0
+
+    args = (fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale, causal, window, softcap,
+            alibi_slopes, return_attn_probs)
+    if _is_torch(q) and _needs_autograd(q, k, v):
+        out, lse, tier = _run_under_autograd(args)
+    else:
+        out, lse, tier = _run(*args)
+
+    if trace.ENABLED:
+        d = q.shape[-1]
+        lq, lk = (max_q, max_k) if varlen else (q.shape[1], k.shape[1])
+        trace.record(fn, str(q.dtype).replace("torch.", ""), d, lq, lk, causal, tier)
+    if return_attn_probs:
+        return out, lse, _empty_like(q)
+    return out
+
+
+def _needs_autograd(*tensors):
+    import torch
+
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+
+
+_forward_only = None
+
+
+def _run_under_autograd(args):
+    """Runs a call whose inputs require grad: the output joins the graph, and backward raises
+    NotImplementedError (the backward pass is a feature of its own, not implemented yet)."""
+    global _forward_only
+    if _forward_only is None:
+        import torch
+
+        class ForwardOnly(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v, args, box):
+                out, lse, tier = _run(*args)
+                box.append(tier)
+                if lse is not None:
+                    ctx.mark_non_differentiable(lse)
+                return out, lse
+
+            @staticmethod
+            def backward(ctx, *grads):
+                raise NotImplementedError(
+                    "mtlflash: the backward pass is not implemented yet; run the forward under "
+                    "torch.no_grad(), or train with torch.nn.functional.scaled_dot_product_attention"
+                )
+
+        _forward_only = ForwardOnly
+    box = []
+    out, lse = _forward_only.apply(args[1], args[2], args[3], args, box)
+    return out, lse, box[0]
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Attention over q (B, Sq, Hq, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) -> (B, Sq, Hq, Dv).
+
+    With ``return_attn_probs=True`` returns ``(out, softmax_lse (B, Hq, Sq) fp32, S_dmask)`` where
+    S_dmask is empty (dropout is not implemented). ``deterministic`` is accepted and ignored: the
+    forward pass is always deterministic.
+    """
+    return _attention("flash_attn_func", q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                      causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                      return_attn_probs=return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Attention over a packed qkv (B, S, 3, H, D) -> (B, S, H, D)."""
+    fn = "flash_attn_qkvpacked_func"
+    q, k, v = _unpack(fn, "qkv", qkv, 5, 2, 3, "(batch, seqlen, 3, heads, head_dim)")
+    return _attention(fn, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                      return_attn_probs=return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Attention over q (B, Sq, Hq, D) and a packed kv (B, Sk, 2, Hk, D) -> (B, Sq, Hq, D)."""
+    fn = "flash_attn_kvpacked_func"
+    k, v = _unpack(fn, "kv", kv, 5, 2, 2, "(batch, seqlen_k, 2, heads_k, head_dim)")
+    return _attention(fn, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                      return_attn_probs=return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                           alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+    """Attention over variable-length sequences packed along the first dimension.
+
+    q (total_q, Hq, D), k (total_k, Hk, D), v (total_k, Hk, Dv), cu_seqlens_q/k int32 (B+1,)
+    -> out (total_q, Hq, Dv); with return_attn_probs, lse is (Hq, total_q).
+    """
+    return _attention("flash_attn_varlen_func", q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                      max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
+                      softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+                      alibi_slopes=alibi_slopes, return_attn_probs=return_attn_probs, block_table=block_table)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                     deterministic=False, return_attn_probs=False):
+    """Varlen attention over a packed qkv (total, 3, H, D) -> (total, H, D)."""
+    fn = "flash_attn_varlen_qkvpacked_func"
+    q, k, v = _unpack(fn, "qkv", qkv, 4, 1, 3, "(total, 3, heads, head_dim)")
+    return _attention(fn, q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                      max_seqlen_k=max_seqlen, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                      return_attn_probs=return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Varlen attention over q (total_q, Hq, D) and a packed kv (total_k, 2, Hk, D)."""
+    fn = "flash_attn_varlen_kvpacked_func"
+    k, v = _unpack(fn, "kv", kv, 4, 1, 2, "(total_k, 2, heads_k, head_dim)")
+    return _attention(fn, q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                      max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
+                      softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+                      alibi_slopes=alibi_slopes, return_attn_probs=return_attn_probs)
+
+
+def metal_params(q, k, v, out, lse=None, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                 max_seqlen_k=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                 alibi_slopes=None, num_splits=1) -> bytes:
+    """The ``mf_params`` block (bytes) the Metal kernels receive for this call and these output
+    buffers, validated and packed by the C core exactly as for a real call (used by the emulator
+    tests and the Metal bridge)."""
+    fn = "metal_params"
+    window = _window(fn, window_size)
+    varlen = cu_seqlens_q is not None
+    max_q = _as_int(fn, "max_seqlen_q", max_seqlen_q) if varlen else 0
+    max_k = _as_int(fn, "max_seqlen_k", max_seqlen_k) if varlen else 0
+    return _C.metal_params(fn, q, k, v, _cpu_offsets(cu_seqlens_q), _cpu_offsets(cu_seqlens_k), max_q, max_k,
+                           softmax_scale, bool(causal), window[0], window[1], float(softcap), alibi_slopes,
+                           lse is not None, out, lse, int(num_splits))

@@ -1,0 +1,141 @@
+"""The chunked reference implementation of attention, in torch.
+
+It is the oracle every test compares against, and the ``reference`` tier: the safe fallback that
+runs wherever torch runs (including MPS tensors when no Metal kernel serves a shape).
+
+It follows the semantics of ``flash_attn`` exactly (see README, "Semantics"): bottom-right causal
+alignment, ``window_size=(left, right)``, softcap applied to the scaled scores, ALiBi bias
+``-slope * |i + Sk - Sq - j|``, GQA/MQA, varlen sequences, ``lse`` in natural log, and a query
+row that sees no key gives a zero output row and ``lse = +inf``.
+
+Scores are materialised one chunk of query rows at a time (all keys, all heads of one
+sequence), never the whole ``Sq x Sk`` matrix of a long sequence.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["attention"]
+
+# Upper bound on the elements of one chunk of scores (heads x rows x keys).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _visible(i: torch.Tensor, j: torch.Tensor, sq: int, sk: int, causal: bool, window) -> torch.Tensor:
+    """Boolean (rows, keys) mask of the keys each query row sees."""
+    left, right = window
+    if causal:
+        right = 0
+    diag = i[:, None] + (sk - sq)  # the key aligned with each query row
+    jj = j[None, :]
+    mask = torch.ones(i.shape[0], j.shape[0], dtype=torch.bool, device=i.device)
+    if left is not None and left >= 0:
+        mask &= jj >= diag - left
+    if right is not None and right >= 0:
+        mask &= jj <= diag + right
+    return mask
+
+
+def _one_sequence(q, k, v, *, scale, causal, window, softcap, slopes, compute_dtype):
+    """q (Sq, Hq, D), k (Sk, Hk, D), v (Sk, Hk, Dv) -> out (Sq, Hq, Dv), lse (Hq, Sq)."""
+    sq, hq, _ = q.shape
+    sk, hk, dv = v.shape
+    group = hq // hk
+    dev = q.device
+    out = torch.zeros(sq, hq, dv, dtype=compute_dtype, device=dev)
+    lse = torch.full((hq, sq), math.inf, dtype=torch.float32 if compute_dtype != torch.float64 else torch.float64, device=dev)
+    if sq == 0:
+        return out, lse
+    if sk == 0:
+        return out, lse
+    # Grouped-query attention without copying K/V per query head: the `group` query heads that
+    # share a kv head are stacked along the rows, (Hk, group * rows, D) @ (Hk, D, Sk).
+    qh = q.to(compute_dtype).permute(1, 0, 2).reshape(hk, group, sq, -1)  # (Hk, group, Sq, D)
+    kh = k.to(compute_dtype).permute(1, 0, 2)  # (Hk, Sk, D)
+    vh = v.to(compute_dtype).permute(1, 0, 2)  # (Hk, Sk, Dv)
+    j = torch.arange(sk, device=dev)
+    rows = max(1, min(sq, _CHUNK_ELEMENTS // max(1, hq * sk)))
+    for r0 in range(0, sq, rows):
+        r1 = min(sq, r0 + rows)
+        i = torch.arange(r0, r1, device=dev)
+        qc = qh[:, :, r0:r1].reshape(hk, group * (r1 - r0), -1)
+        s = (torch.matmul(qc, kh.transpose(1, 2)) * scale).reshape(hq, r1 - r0, sk)  # (Hq, rows, Sk)
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        if slopes is not None:
+            dist = (i[:, None] + (sk - sq) - j[None, :]).abs().to(compute_dtype)
+            s = s - slopes.to(compute_dtype)[:, None, None] * dist[None]
+        mask = _visible(i, j, sq, sk, causal, window)
+        s = s.masked_fill(~mask[None], -math.inf)
+        m = s.amax(dim=-1, keepdim=True)
+        seen = torch.isfinite(m) | torch.isnan(m)  # rows with at least one visible key
+        m = torch.where(seen, m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        l = p.sum(dim=-1, keepdim=True)
+        o = torch.matmul(p.reshape(hk, group * (r1 - r0), sk), vh).reshape(hq, r1 - r0, dv)
+        o = o / torch.where(seen, l, torch.ones_like(l))
+        o = torch.where(seen, o, torch.zeros_like(o))
+        out[r0:r1] = o.permute(1, 0, 2)
+        lse_chunk = torch.where(seen, m + torch.log(l), torch.full_like(m, math.inf))[..., 0]
+        lse[:, r0:r1] = lse_chunk.to(lse.dtype)
+    return out, lse
+
+
+def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+              alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, compute_dtype=torch.float32):
+    """Reference attention.
+
+    Dense: q (B, Sq, Hq, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) -> out (B, Sq, Hq, Dv),
+    lse (B, Hq, Sq). Varlen (cu_seqlens_q/k given, int32 (B+1,)): q (total_q, Hq, D), k/v
+    (total_k, Hk, D/Dv) -> out (total_q, Hq, Dv), lse (Hq, total_q); rows past cu_seqlens_q[-1]
+    are zero with lse +inf.
+
+    ``compute_dtype`` is the precision of every step (float32 by default; float64 for a tighter
+    oracle; the input dtype for the "naive low precision" baseline of the acceptance rule). out is
+    returned in compute_dtype, lse in float32 (float64 when computing in float64). NumPy arrays
+    are accepted and converted.
+    """
+    import numpy as np
+
+    def as_t(x):
+        return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+    q, k, v = as_t(q), as_t(k), as_t(v)
+    alibi_slopes = as_t(alibi_slopes)
+    d = q.shape[-1]
+    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
+    window = (int(window_size[0]), int(window_size[1]))
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        cq = [int(x) for x in as_t(cu_seqlens_q).tolist()]
+        ck = [int(x) for x in as_t(cu_seqlens_k).tolist()]
+        batch = len(cq) - 1
+        total_q, hq = q.shape[0], q.shape[1]
+        out = torch.zeros(total_q, hq, v.shape[-1], dtype=compute_dtype, device=q.device)
+        lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+        lse = torch.full((hq, total_q), math.inf, dtype=lse_dtype, device=q.device)
+    else:
+        batch = q.shape[0]
+        out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=compute_dtype, device=q.device)
+        lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), math.inf, dtype=lse_dtype, device=q.device)
+    for b in range(batch):
+        if alibi_slopes is None:
+            slopes = None
+        else:
+            slopes = alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
+        if varlen:
+            qs, ks, vs = q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
+        else:
+            qs, ks, vs = q[b], k[b], v[b]
+        o, l = _one_sequence(qs, ks, vs, scale=scale, causal=causal, window=window, softcap=float(softcap),
+                             slopes=slopes, compute_dtype=compute_dtype)
+        if varlen:
+            out[cq[b]:cq[b + 1]] = o
+            lse[:, cq[b]:cq[b + 1]] = l
+        else:
+            out[b] = o
+            lse[b] = l
+    return out, lse
