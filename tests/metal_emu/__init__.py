@@ -1,0 +1,1 @@
+"""The Metal emulator: `from metal_emu import emu` (see README.md)."""
