@@ -156,6 +156,28 @@ fail:
     return NULL;
 }
 
+#define PLAN_FORMAT "sOOO|OOLLOpLLdOpOOi:plan"
+
+PyDoc_STRVAR(plan_doc,
+"plan($module, /, fn, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,\n"
+"     max_seqlen_k=0, softmax_scale=None, causal=False, window_left=-1, window_right=-1,\n"
+"     softcap=0.0, alibi_slopes=None)\n--\n\n"
+"Validates a call exactly like forward() and returns the name of the tier that would run it,\n"
+"without computing anything.");
+
+static PyObject *py_plan(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    call_args a;
+    mf_problem pb;
+    mf_plan plan;
+    mf_error err = {MF_OK, ""};
+    if (!parse(args, kwargs, PLAN_FORMAT, &a)) return NULL;
+    a.out = a.lse = Py_None;
+    if (build(&a, &pb, &err)) return raise(&err);
+    if (mf_plan_choose(&pb, getenv("MTLFLASH_KERNEL"), &plan, &err)) return raise(&err);
+    return PyUnicode_FromString(mf_tier_name(plan.tier));
+}
+
 #define PARAMS_FORMAT "sOOO|OOLLOpLLdOpOOi:metal_params"
 
 PyDoc_STRVAR(metal_params_doc,
@@ -232,6 +254,7 @@ static PyObject *py_num_threads(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_VARARGS | METH_KEYWORDS, forward_doc},
     {"metal_params", (PyCFunction)(void (*)(void))py_metal_params, METH_VARARGS | METH_KEYWORDS, metal_params_doc},
+    {"plan", (PyCFunction)(void (*)(void))py_plan, METH_VARARGS | METH_KEYWORDS, plan_doc},
     {"tiers", py_tiers, METH_NOARGS, tiers_doc},
     {"build_info", py_build_info, METH_NOARGS, build_info_doc},
     {"num_threads", py_num_threads, METH_NOARGS, num_threads_doc},

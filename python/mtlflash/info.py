@@ -37,3 +37,12 @@ def backend_info() -> dict:
         "max_head_dim": build["max_head_dim"],
         "tiers": tiers,
     }
+
+
+def which_tier(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+               softmax_scale=None) -> str:
+    """The tier that would run ``flash_attn_func(q, k, v, ...)`` here, honouring
+    MTLFLASH_KERNEL; validates like a real call and computes nothing."""
+    left, right = window_size
+    return _C.plan("which_tier", q, k, v, None, None, 0, 0, softmax_scale, bool(causal), int(left), int(right),
+                   float(softcap), alibi_slopes)

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-__all__ = ["attention"]
+__all__ = ["attention", "compare", "Comparison"]
 
 # Upper bound on the elements of one chunk of scores (heads x rows x keys).
 _CHUNK_ELEMENTS = 1 << 24
@@ -139,3 +139,88 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
             out[b] = o
             lse[b] = l
     return out, lse
+
+
+# --- the numerical acceptance rule ---------------------------------------------------------------
+
+FP32_ATOL = 5e-5  # fp32 inputs: absolute tolerance against the fp64 reference
+LOWP_SLACK = 1e-4  # fp16/bf16 inputs: slack added to twice the naive low-precision error
+
+
+class Comparison:
+    """Result of :func:`compare`: ``ok``, the errors and bounds, and what failed."""
+
+    def __init__(self):
+        self.problems = []
+        self.err_out = self.bound_out = 0.0
+        self.err_lse = self.bound_lse = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __repr__(self):
+        state = "ok" if self.ok else "; ".join(self.problems)
+        return f"Comparison({state}, out error {self.err_out:.3g} <= {self.bound_out:.3g})"
+
+
+def _max_abs(a, b) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def compare(out, lse, q, k, v, **options) -> Comparison:
+    """Checks an attention result against this reference by the acceptance rule.
+
+    Low-precision inputs (fp16/bf16): ``max|out - ref| <= 2 * max|naive - ref| + slack`` where
+    ``ref`` is computed in fp64 from the same inputs and ``naive`` entirely in the input dtype.
+    fp32 inputs: ``max|out - ref| <= FP32_ATOL``. lse is compared the same way; rows that see no key
+    must have lse = +inf exactly where the reference does. Tensors on any device (moved to the
+    CPU) and NumPy arrays are accepted. ``options`` are those of :func:`attention`.
+    """
+    import numpy as np
+
+    def cpu(x):
+        if x is None:
+            return None
+        if isinstance(x, np.ndarray):
+            return torch.from_numpy(x)
+        return x.detach().cpu() if isinstance(x, torch.Tensor) else x
+
+    out, lse, q, k, v = (cpu(x) for x in (out, lse, q, k, v))
+    options = {key: cpu(val) for key, val in options.items()}
+    res = Comparison()
+    ref_out, ref_lse = attention(q, k, v, compute_dtype=torch.float64, **options)
+    if tuple(out.shape) != tuple(ref_out.shape):
+        res.problems.append(f"out shape {tuple(out.shape)} != reference {tuple(ref_out.shape)}")
+        return res
+    if out.dtype != q.dtype:
+        res.problems.append(f"out dtype {out.dtype} != input dtype {q.dtype}")
+    if torch.isnan(out).any():
+        res.problems.append("out has NaN")
+    if q.dtype == torch.float32:
+        res.bound_out = res.bound_lse = FP32_ATOL
+    else:
+        naive_out, naive_lse = attention(q, k, v, compute_dtype=q.dtype, **options)
+        res.bound_out = 2 * _max_abs(naive_out, ref_out) + LOWP_SLACK
+        finite = torch.isfinite(ref_lse) & torch.isfinite(naive_lse)
+        res.bound_lse = 2 * _max_abs(naive_lse[finite], ref_lse[finite]) + LOWP_SLACK
+    res.err_out = _max_abs(out, ref_out)
+    if not res.err_out <= res.bound_out:
+        res.problems.append(f"out error {res.err_out:.3g} exceeds the bound {res.bound_out:.3g}")
+    if lse is not None:
+        empty = torch.isinf(ref_lse)  # rows that see no key
+        if lse.dtype != torch.float32:
+            res.problems.append(f"lse dtype {lse.dtype} != float32")
+        if tuple(lse.shape) != tuple(ref_lse.shape):
+            res.problems.append(f"lse shape {tuple(lse.shape)} != reference {tuple(ref_lse.shape)}")
+            return res
+        if torch.isnan(lse).any():
+            res.problems.append("lse has NaN")
+        if not torch.equal(torch.isinf(lse), empty) or not (lse[empty] > 0).all():
+            res.problems.append("lse is not +inf exactly on the rows that see no key")
+        res.err_lse = _max_abs(lse[~empty], ref_lse[~empty])
+        if not res.err_lse <= res.bound_lse:
+            res.problems.append(f"lse error {res.err_lse:.3g} exceeds the bound {res.bound_lse:.3g}")
+    return res
