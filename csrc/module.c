@@ -10,6 +10,8 @@
 
 #include "cpu/cpu.h"
 #include "metal/bridge.h"
+#include "metal/dispatch.h"
+#include "metal/sources.h"
 #include "plan.h"
 #include "problem.h"
 #include "tensor.h"
@@ -209,6 +211,125 @@ static PyObject *py_metal_params(PyObject *self, PyObject *args, PyObject *kwarg
     return PyBytes_FromStringAndSize((const char *)&pb.p, sizeof pb.p);
 }
 
+static int caps_from_dict(PyObject *d, mf_metal_caps *caps) {
+    static const char *keys[3] = {"apple_family", "bfloat", "tensorops"};
+    int *fields[3] = {&caps->apple_family, &caps->bfloat, &caps->tensorops};
+    if (!PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "metal_plan: caps must be a dict");
+        return -1;
+    }
+    for (int i = 0; i < 3; i++) {
+        PyObject *v = PyDict_GetItemString(d, keys[i]);
+        if (v == NULL) {
+            PyErr_Format(PyExc_KeyError, "metal_plan: caps needs '%s'", keys[i]);
+            return -1;
+        }
+        long x = PyLong_AsLong(v);
+        if (x == -1 && PyErr_Occurred()) return -1;
+        *fields[i] = (int)x;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(metal_plan_doc,
+"metal_plan($module, tier, caps, /, fn, q, k, v, ...same as metal_params...)\n--\n\n"
+"The launch plan of a call on a Metal tier for a device with the given capabilities\n"
+"(caps: dict with apple_family, bfloat, tensorops): a dict with source, defines, launches\n"
+"[(kernel, grid, threadgroup)], scratch_floats, threadgroup_memory and params (bytes).\n"
+"Raises RuntimeError with the reason when the tier does not serve the call.");
+
+static PyObject *py_metal_plan(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    call_args a;
+    mf_problem pb;
+    mf_metal_caps caps;
+    mf_metal_plan plan;
+    mf_error err = {MF_OK, ""};
+    if (PyTuple_GET_SIZE(args) < 2) {
+        PyErr_SetString(PyExc_TypeError, "metal_plan: expected tier and caps first");
+        return NULL;
+    }
+    const char *tier_name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(args, 0));
+    if (tier_name == NULL || caps_from_dict(PyTuple_GET_ITEM(args, 1), &caps) < 0) return NULL;
+    int tier = -1;
+    for (int t = 0; t < MF_NUM_TIERS; t++)
+        if (strcmp(tier_name, mf_tier_name((mf_tier)t)) == 0) tier = t;
+    if (tier < 0) {
+        PyErr_Format(PyExc_ValueError, "metal_plan: unknown tier '%s'", tier_name);
+        return NULL;
+    }
+    PyObject *rest = PyTuple_GetSlice(args, 2, PyTuple_GET_SIZE(args));
+    if (rest == NULL) return NULL;
+    int ok = parse(rest, kwargs, "sOOO|OOLLOpLLdOpOOi:metal_plan", &a);
+    Py_DECREF(rest);
+    if (!ok) return NULL;
+    if (build(&a, &pb, &err)) return raise(&err);
+    if (mf_metal_plan_make(&pb, (mf_tier)tier, &caps, &plan, &err)) return raise(&err);
+    PyObject *defines = PyDict_New(), *launches = PyList_New(0), *res = NULL;
+    if (defines == NULL || launches == NULL) goto done;
+    for (int i = 0; i < plan.n_defines; i++) {
+        PyObject *v = PyLong_FromLong(plan.defines[i].value);
+        if (v == NULL || PyDict_SetItemString(defines, plan.defines[i].name, v) < 0) {
+            Py_XDECREF(v);
+            goto done;
+        }
+        Py_DECREF(v);
+    }
+    for (int i = 0; i < plan.n_launches; i++) {
+        const mf_metal_launch *l = &plan.launches[i];
+        PyObject *item = Py_BuildValue("(s(III)(III))", l->kernel, l->grid[0], l->grid[1], l->grid[2],
+                                       l->threadgroup[0], l->threadgroup[1], l->threadgroup[2]);
+        if (item == NULL || PyList_Append(launches, item) < 0) {
+            Py_XDECREF(item);
+            goto done;
+        }
+        Py_DECREF(item);
+    }
+    res = Py_BuildValue("{s:s,s:s,s:O,s:O,s:K,s:I,s:y#}", "tier", mf_tier_name(plan.tier), "source",
+                        plan.source ? plan.source : "", "defines", defines, "launches", launches,
+                        "scratch_floats", (unsigned long long)plan.scratch_floats, "threadgroup_memory",
+                        plan.threadgroup_memory, "params", (const char *)&plan.params,
+                        (Py_ssize_t)sizeof plan.params);
+done:
+    Py_XDECREF(defines);
+    Py_XDECREF(launches);
+    return res;
+}
+
+PyDoc_STRVAR(metal_source_doc,
+"metal_source($module, name, /)\n--\n\n"
+"The self-contained source of metal/<name> as the bridge compiles it (includes inlined).");
+
+static PyObject *py_metal_source(PyObject *self, PyObject *arg) {
+    (void)self;
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (name == NULL) return NULL;
+    mf_error err = {MF_OK, ""};
+    char *src = mf_metal_source(name, &err);
+    if (src == NULL) return raise(&err);
+    PyObject *res = PyUnicode_FromString(src);
+    free(src);
+    return res;
+}
+
+PyDoc_STRVAR(metal_files_doc, "metal_files($module, /)\n--\n\nNames of the embedded Metal sources.");
+
+static PyObject *py_metal_files(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    PyObject *list = PyList_New(0);
+    for (const mf_embedded_file *e = mf_metal_files; list != NULL && e->name != NULL; e++) {
+        PyObject *s = PyUnicode_FromString(e->name);
+        if (s == NULL || PyList_Append(list, s) < 0) {
+            Py_XDECREF(s);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(s);
+    }
+    return list;
+}
+
 PyDoc_STRVAR(tiers_doc, "tiers($module, /)\n--\n\nList of (tier, available, reason).");
 
 static PyObject *py_tiers(PyObject *self, PyObject *unused) {
@@ -255,6 +376,9 @@ static PyMethodDef methods[] = {
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_VARARGS | METH_KEYWORDS, forward_doc},
     {"metal_params", (PyCFunction)(void (*)(void))py_metal_params, METH_VARARGS | METH_KEYWORDS, metal_params_doc},
     {"plan", (PyCFunction)(void (*)(void))py_plan, METH_VARARGS | METH_KEYWORDS, plan_doc},
+    {"metal_plan", (PyCFunction)(void (*)(void))py_metal_plan, METH_VARARGS | METH_KEYWORDS, metal_plan_doc},
+    {"metal_source", py_metal_source, METH_O, metal_source_doc},
+    {"metal_files", py_metal_files, METH_NOARGS, metal_files_doc},
     {"tiers", py_tiers, METH_NOARGS, tiers_doc},
     {"build_info", py_build_info, METH_NOARGS, build_info_doc},
     {"num_threads", py_num_threads, METH_NOARGS, num_threads_doc},

@@ -1,0 +1,22 @@
+# Writes a C file that embeds the Metal kernel sources (metal/*.metal, metal/*.h) as byte arrays,
+# so the library needs no files on disk at run time. Run by CMakeLists.txt at build time:
+#   cmake -DSRC_DIR=<repo>/metal -DOUT=<file.c> -P embed_metal.cmake
+file(GLOB files RELATIVE "${SRC_DIR}" "${SRC_DIR}/*.metal" "${SRC_DIR}/*.h")
+list(SORT files)
+set(body "/* Generated at build time by cmake/embed_metal.cmake from metal/. Do not edit. */\n")
+string(APPEND body "#include \"metal/sources.h\"\n\n")
+set(table "")
+set(i 0)
+foreach(f IN LISTS files)
+  file(READ "${SRC_DIR}/${f}" hex HEX)
+  string(LENGTH "${hex}" n)
+  math(EXPR size "${n} / 2")
+  string(REGEX REPLACE "([0-9a-f][0-9a-f])" "0x\\1," bytes "${hex}")
+  string(REGEX REPLACE "((0x..,){24})" "\\1\n" bytes "${bytes}")
+  string(APPEND body "static const unsigned char f${i}[] = {\n${bytes}0x00};\n")
+  string(APPEND table "    {\"${f}\", (const char *)f${i}, ${size}},\n")
+  math(EXPR i "${i} + 1")
+endforeach()
+string(APPEND body "\nconst mf_embedded_file mf_metal_files[] = {\n${table}    {0, 0, 0},\n};\n")
+file(WRITE "${OUT}.tmp" "${body}")
+execute_process(COMMAND ${CMAKE_COMMAND} -E copy_if_different "${OUT}.tmp" "${OUT}")

@@ -1,0 +1,56 @@
+/* dispatch.h - everything about a Metal launch that can be decided without a GPU: which Metal
+ * tier serves a problem on a device with given capabilities, which kernel source and defines it
+ * compiles with, the grid and threadgroup of each launch, and the scratch buffer. Plain C, tested
+ * on Linux; the bridge (bridge.m) only executes the plan. */
+#ifndef MF_METAL_DISPATCH_H
+#define MF_METAL_DISPATCH_H
+
+#include <stdint.h>
+
+#include "plan.h"
+
+/* What the device offers (filled by the bridge from the MTLDevice; by tests from a table). */
+typedef struct mf_metal_caps {
+    int apple_family;    /* highest MTLGPUFamilyAppleN supported: 7 = M1 ... 10 = M5 (0: unknown) */
+    int bfloat;          /* bfloat in MSL: Metal 3.1, macOS 14+ */
+    int tensorops;       /* MetalPerformancePrimitives probe passed (macOS 26.2+, Metal 4) */
+} mf_metal_caps;
+
+#define MF_METAL_MAX_DEFINES 4
+#define MF_METAL_MAX_LAUNCHES 2
+
+typedef struct mf_metal_define {
+    const char *name;
+    int value;
+} mf_metal_define;
+
+typedef struct mf_metal_launch {
+    const char *kernel;
+    uint32_t grid[3];        /* threadgroups per grid */
+    uint32_t threadgroup[3]; /* threads per threadgroup */
+} mf_metal_launch;
+
+typedef struct mf_metal_plan {
+    mf_tier tier;
+    const char *source; /* file in metal/ */
+    int n_defines;
+    mf_metal_define defines[MF_METAL_MAX_DEFINES];
+    int n_launches; /* run in order, in one command buffer */
+    mf_metal_launch launches[MF_METAL_MAX_LAUNCHES];
+    uint64_t scratch_floats;      /* fp32 scratch bound at MF_SLOT_SCRATCH (0: none) */
+    uint32_t threadgroup_memory;  /* static threadgroup memory of the kernel, bytes */
+    mf_params params;             /* the problem's params with the split fields set */
+} mf_metal_plan;
+
+/* Does `tier` (a Metal tier) serve this problem on this device? 1, or 0 with the reason. */
+int mf_metal_tier_serves(mf_tier tier, const mf_problem *pb, const mf_metal_caps *caps, char *reason,
+                         size_t reason_len);
+
+/* The launch plan of a problem on a Metal tier that serves it. */
+int mf_metal_plan_make(const mf_problem *pb, mf_tier tier, const mf_metal_caps *caps, mf_metal_plan *plan,
+                       mf_error *err);
+
+/* Key splits for the vec tier's decode path: 1 (no split) unless few rows meet many keys. */
+int mf_metal_vec_splits(const mf_params *p);
+
+#endif /* MF_METAL_DISPATCH_H */
