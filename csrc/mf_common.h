@@ -24,6 +24,24 @@ typedef struct mf_error {
     char msg[512];
 } mf_error;
 
+/* A borrowed view of a torch tensor or NumPy array (built by tensor.c). */
+#define MF_MAX_DIMS 6
+
+typedef struct mf_tensor {
+    int present;                  /* 0 for an absent optional argument (None) */
+    int is_numpy;
+    mf_dtype dtype;
+    mf_device device;
+    int ndim;
+    int64_t shape[MF_MAX_DIMS];
+    int64_t stride[MF_MAX_DIMS]; /* in elements */
+    void *data;                  /* CPU: address of element [0,...,0]; MPS: NULL */
+    uint64_t mtl_buffer;         /* MPS: the id<MTLBuffer> of the storage */
+    int64_t byte_offset;         /* MPS: offset of element [0,...,0] in that buffer */
+    int64_t storage_nbytes;      /* MPS: size of the storage, for bounds checks */
+    char dtype_repr[40];         /* how the caller spells the dtype, for messages */
+} mf_tensor;
+
 /* Sets err and returns its kind; printf-style message. */
 int mf_fail(mf_error *err, mf_errkind kind, const char *fmt, ...)
 #if defined(__GNUC__)

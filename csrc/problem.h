@@ -7,7 +7,6 @@
 #define MF_PROBLEM_H
 
 #include "mf_common.h"
-#include "tensor.h"
 #include "metal/mf_params.h"
 
 #define MF_MAX_HEAD_DIM 256

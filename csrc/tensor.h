@@ -2,30 +2,14 @@
  *
  * This and module.c are the only places that look at Python objects. A view records dtype,
  * device, shape and element strides, plus the CPU data pointer (CPU tensors, NumPy arrays) or
- * the MTLBuffer handle and byte offset (MPS tensors). The object must outlive the view. */
+ * the MTLBuffer handle and byte offset (MPS tensors). The object must outlive the view.
+ * (The mf_tensor struct itself lives in mf_common.h, free of Python types.) */
 #ifndef MF_TENSOR_H
 #define MF_TENSOR_H
 
 #include <Python.h>
 
 #include "mf_common.h"
-
-#define MF_MAX_DIMS 6
-
-typedef struct mf_tensor {
-    int present;                  /* 0 for an absent optional argument (None) */
-    int is_numpy;
-    mf_dtype dtype;
-    mf_device device;
-    int ndim;
-    int64_t shape[MF_MAX_DIMS];
-    int64_t stride[MF_MAX_DIMS]; /* in elements */
-    void *data;                  /* CPU: address of element [0,...,0]; MPS: NULL */
-    uint64_t mtl_buffer;         /* MPS: the id<MTLBuffer> of the storage */
-    int64_t byte_offset;         /* MPS: offset of element [0,...,0] in that buffer */
-    int64_t storage_nbytes;      /* MPS: size of the storage, for bounds checks */
-    char dtype_repr[40];         /* how the caller spells the dtype, for messages */
-} mf_tensor;
 
 /* Fills *t from obj (None gives present = 0 when allow_none). Errors name `arg`. */
 int mf_tensor_view(PyObject *obj, const char *fn, const char *arg, int allow_none, mf_tensor *t,

@@ -1,16 +1,44 @@
-/* bridge.m - the Metal bridge on macOS.
+/* bridge.m - the Metal bridge on macOS (Objective-C, ARC). Plain C ABI in bridge.h.
  *
- * This version only probes for a Metal device: the kernels and their dispatch are not part of
- * this version yet, so every Metal tier reports itself unavailable and MPS tensors run on the
- * `reference` tier. The C ABI (bridge.h) is the seam the kernel dispatch plugs into. */
+ * Everything that can be decided without a GPU (tier, source, defines, grid, threadgroup,
+ * scratch size, the params block) arrives decided in an mf_metal_plan from dispatch.c; this file
+ * only turns it into Metal calls:
+ *   device   = the device of q's MTLBuffer (so torch and mtlflash share one MTLDevice)
+ *   library  = newLibraryWithSource: on the self-contained source (sources.c), compiled once per
+ *              (device, source, defines) with explicit options (math mode safe, language
+ *              version per OS), cached
+ *   pipeline = one per (library, kernel), cached
+ *   launch   = own command queue per device, one compute encoder, buffers bound by fixed slot
+ *              (unbound slots get a small dummy buffer), params by setBytes, a buffer barrier
+ *              between dependent launches, commit, wait, status check.
+ * Nothing here throws across the boundary: NSError text becomes the error string. Every entry
+ * point runs inside an autorelease pool. */
 #import <Foundation/Foundation.h>
 #import <Metal/Metal.h>
 
+#include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "metal/bridge.h"
+#include "metal/sources.h"
 
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static NSMutableDictionary<NSString *, id<MTLLibrary>> *g_libraries;           /* under g_lock */
+static NSMutableDictionary<NSString *, id<MTLComputePipelineState>> *g_pipelines; /* under g_lock */
+static NSMutableDictionary<NSNumber *, id<MTLCommandQueue>> *g_queues;           /* under g_lock */
+static NSMutableDictionary<NSNumber *, id<MTLBuffer>> *g_dummies;                /* under g_lock */
 static char g_info[256];
+
+static void set_err(char *err, size_t n, NSString *what, NSError *e) {
+    NSString *text = e != nil ? [NSString stringWithFormat:@"%@: %@", what, e.localizedDescription] : what;
+    snprintf(err, n, "%s", text.UTF8String != NULL ? text.UTF8String : "Metal error");
+}
+
+static id<MTLBuffer> buffer_from_handle(uint64_t handle) {
+    return (__bridge id<MTLBuffer>)(void *)(uintptr_t)handle;
+}
 
 int mf_metal_available(char *reason, size_t reason_len) {
     @autoreleasepool {
@@ -19,18 +47,197 @@ int mf_metal_available(char *reason, size_t reason_len) {
             snprintf(reason, reason_len, "no Metal device found");
             return 0;
         }
-        snprintf(reason, reason_len,
-                 "Metal device '%s' found, but the Metal kernels are not part of this version",
-                 [[dev name] UTF8String]);
-        return 0;
+        snprintf(reason, reason_len, "Metal device '%s'", dev.name.UTF8String);
+        return 1;
     }
 }
 
 const char *mf_metal_build_info(void) {
     @autoreleasepool {
         id<MTLDevice> dev = MTLCreateSystemDefaultDevice();
-        snprintf(g_info, sizeof g_info, "built; device: %s",
-                 dev != nil ? [[dev name] UTF8String] : "none");
+        snprintf(g_info, sizeof g_info, "built; device: %s", dev != nil ? dev.name.UTF8String : "none");
         return g_info;
+    }
+}
+
+static void caps_of_device(id<MTLDevice> dev, mf_metal_caps *caps) {
+    memset(caps, 0, sizeof *caps);
+    /* MTLGPUFamilyAppleN == 1000 + N; raw values, since older SDKs lack the newest names. */
+    for (int f = 10; f >= 1; f--) {
+        if ([dev supportsFamily:(MTLGPUFamily)(1000 + f)]) {
+            caps->apple_family = f;
+            break;
+        }
+    }
+    if (@available(macOS 14.0, *)) caps->bfloat = 1;
+    caps->tensorops = 0; /* no probe yet: the tier does not exist */
+}
+
+int mf_metal_caps_of(uint64_t mtl_buffer, mf_metal_caps *caps, char *err, size_t err_len) {
+    @autoreleasepool {
+        id<MTLBuffer> buf = buffer_from_handle(mtl_buffer);
+        if (buf == nil) {
+            snprintf(err, err_len, "tensor has no Metal buffer");
+            return -1;
+        }
+        caps_of_device(buf.device, caps);
+        return 0;
+    }
+}
+
+static MTLCompileOptions *compile_options(const mf_metal_plan *plan) {
+    MTLCompileOptions *opt = [MTLCompileOptions new];
+    if (@available(macOS 15.0, *)) {
+        opt.mathMode = MTLMathModeSafe;
+    } else {
+        opt.fastMathEnabled = NO;
+    }
+    if (@available(macOS 14.0, *)) {
+        opt.languageVersion = MTLLanguageVersion3_1; /* bfloat */
+    } else {
+        opt.languageVersion = MTLLanguageVersion3_0;
+    }
+    NSMutableDictionary *macros = [NSMutableDictionary dictionary];
+    for (int i = 0; i < plan->n_defines; i++)
+        macros[@(plan->defines[i].name)] = @(plan->defines[i].value);
+    opt.preprocessorMacros = macros;
+    return opt;
+}
+
+/* The pipeline of one kernel of the plan; compiles and caches under g_lock. */
+static id<MTLComputePipelineState> pipeline_for(id<MTLDevice> dev, const mf_metal_plan *plan,
+                                                const char *kernel, char *err, size_t n) {
+    NSMutableString *lib_key = [NSMutableString stringWithFormat:@"%llu|%s", (unsigned long long)dev.registryID,
+                                                                 plan->source];
+    for (int i = 0; i < plan->n_defines; i++)
+        [lib_key appendFormat:@"|%s=%d", plan->defines[i].name, plan->defines[i].value];
+    NSString *pipe_key = [NSString stringWithFormat:@"%@|%s", lib_key, kernel];
+
+    id<MTLComputePipelineState> ps = g_pipelines[pipe_key];
+    if (ps != nil) return ps;
+    id<MTLLibrary> lib = g_libraries[lib_key];
+    if (lib == nil) {
+        mf_error e = {MF_OK, ""};
+        char *text = mf_metal_source(plan->source, &e);
+        if (text == NULL) {
+            snprintf(err, n, "%s", e.msg);
+            return nil;
+        }
+        NSString *src = [NSString stringWithUTF8String:text];
+        free(text);
+        NSError *error = nil;
+        lib = [dev newLibraryWithSource:src options:compile_options(plan) error:&error];
+        if (lib == nil) {
+            set_err(err, n, [NSString stringWithFormat:@"compiling %s failed", plan->source], error);
+            return nil;
+        }
+        g_libraries[lib_key] = lib;
+    }
+    id<MTLFunction> fn = [lib newFunctionWithName:@(kernel)];
+    if (fn == nil) {
+        snprintf(err, n, "kernel %s not found in %s", kernel, plan->source);
+        return nil;
+    }
+    NSError *error = nil;
+    ps = [dev newComputePipelineStateWithFunction:fn error:&error];
+    if (ps == nil) {
+        set_err(err, n, [NSString stringWithFormat:@"pipeline for %s failed", kernel], error);
+        return nil;
+    }
+    g_pipelines[pipe_key] = ps;
+    return ps;
+}
+
+int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_SLOTS], char *err,
+                 size_t err_len) {
+    @autoreleasepool {
+        if (plan->n_launches == 0) return 0;
+        id<MTLBuffer> qbuf = buffer_from_handle(slots[MF_SLOT_Q].buffer);
+        if (qbuf == nil) {
+            snprintf(err, err_len, "q has no Metal buffer");
+            return -1;
+        }
+        id<MTLDevice> dev = qbuf.device;
+        NSNumber *dev_key = @(dev.registryID);
+        id<MTLComputePipelineState> ps[MF_METAL_MAX_LAUNCHES] = {nil};
+        id<MTLCommandQueue> queue = nil;
+        id<MTLBuffer> dummy = nil;
+
+        pthread_mutex_lock(&g_lock);
+        if (g_libraries == nil) {
+            g_libraries = [NSMutableDictionary dictionary];
+            g_pipelines = [NSMutableDictionary dictionary];
+            g_queues = [NSMutableDictionary dictionary];
+            g_dummies = [NSMutableDictionary dictionary];
+        }
+        queue = g_queues[dev_key];
+        if (queue == nil) {
+            queue = [dev newCommandQueue];
+            if (queue != nil) g_queues[dev_key] = queue;
+        }
+        dummy = g_dummies[dev_key];
+        if (dummy == nil) {
+            dummy = [dev newBufferWithLength:64 options:MTLResourceStorageModePrivate];
+            if (dummy != nil) g_dummies[dev_key] = dummy;
+        }
+        int ok = queue != nil && dummy != nil;
+        if (!ok) snprintf(err, err_len, "could not create a command queue or buffer on %s", dev.name.UTF8String);
+        for (int i = 0; ok && i < plan->n_launches; i++) {
+            ps[i] = pipeline_for(dev, plan, plan->launches[i].kernel, err, err_len);
+            ok = ps[i] != nil;
+        }
+        pthread_mutex_unlock(&g_lock);
+        if (!ok) return -1;
+
+        id<MTLBuffer> scratch = nil;
+        if (plan->scratch_floats > 0) {
+            scratch = [dev newBufferWithLength:(NSUInteger)(plan->scratch_floats * sizeof(float))
+                                       options:MTLResourceStorageModePrivate];
+            if (scratch == nil) {
+                snprintf(err, err_len, "could not allocate %llu bytes of scratch",
+                         (unsigned long long)(plan->scratch_floats * sizeof(float)));
+                return -1;
+            }
+        }
+
+        id<MTLCommandBuffer> cb = [queue commandBuffer];
+        id<MTLComputeCommandEncoder> enc = [cb computeCommandEncoder];
+        if (cb == nil || enc == nil) {
+            if (enc != nil) [enc endEncoding];
+            snprintf(err, err_len, "could not create a command buffer");
+            return -1;
+        }
+        for (int i = 0; i < plan->n_launches; i++) {
+            const mf_metal_launch *l = &plan->launches[i];
+            NSUInteger threads = (NSUInteger)l->threadgroup[0] * l->threadgroup[1] * l->threadgroup[2];
+            if (threads > ps[i].maxTotalThreadsPerThreadgroup) {
+                [enc endEncoding];
+                snprintf(err, err_len, "%s needs %lu threads per threadgroup, the device allows %lu",
+                         l->kernel, (unsigned long)threads, (unsigned long)ps[i].maxTotalThreadsPerThreadgroup);
+                return -1;
+            }
+            [enc setComputePipelineState:ps[i]];
+            for (int s = 0; s < MF_SLOT_PARAMS; s++) {
+                if (s == MF_SLOT_SCRATCH && scratch != nil)
+                    [enc setBuffer:scratch offset:0 atIndex:(NSUInteger)s];
+                else if (slots[s].buffer != 0)
+                    [enc setBuffer:buffer_from_handle(slots[s].buffer) offset:(NSUInteger)slots[s].offset
+                           atIndex:(NSUInteger)s];
+                else
+                    [enc setBuffer:dummy offset:0 atIndex:(NSUInteger)s];
+            }
+            [enc setBytes:&plan->params length:sizeof(mf_params) atIndex:MF_SLOT_PARAMS];
+            [enc dispatchThreadgroups:MTLSizeMake(l->grid[0], l->grid[1], l->grid[2])
+                threadsPerThreadgroup:MTLSizeMake(l->threadgroup[0], l->threadgroup[1], l->threadgroup[2])];
+            if (i + 1 < plan->n_launches) [enc memoryBarrierWithScope:MTLBarrierScopeBuffers];
+        }
+        [enc endEncoding];
+        [cb commit];
+        [cb waitUntilCompleted];
+        if (cb.status != MTLCommandBufferStatusCompleted) {
+            set_err(err, err_len, @"the Metal command buffer failed", cb.error);
+            return -1;
+        }
+        return 0;
     }
 }

@@ -1,0 +1,63 @@
+"""Stream mode's encoding, checked without a Mac: the launches, grid in threads, argument slots
+and the compiled source it hands to torch.mps.compile_shader (a recording stand-in here)."""
+from __future__ import annotations
+
+import torch
+
+from mtlflash import _C, metal_stream
+from metal_emu import host
+
+
+class Recorder:
+    def __init__(self):
+        self.sources = []
+        self.calls = []
+
+    def compile(self, source):
+        self.sources.append(source)
+        rec = self
+
+        class Lib:
+            def __getattr__(self, name):
+                return lambda *args, **kw: rec.calls.append((name, args, kw))
+
+        return Lib()
+
+
+def decode_plan():
+    q = torch.zeros(1, 1, 8, 128, dtype=torch.float16)
+    k = torch.zeros(1, 2048, 2, 128, dtype=torch.float16)
+    out = torch.empty(1, 1, 8, 128, dtype=torch.float16)
+    plan = _C.metal_plan("vec", host.caps(), "t", q, k, k, None, None, 0, 0, None, True, -1, -1, 0.0, None,
+                         False, out, None)
+    return plan, q, k, out
+
+
+def test_stream_mode_encodes_the_plan():
+    metal_stream._libraries.clear()
+    plan, q, k, out = decode_plan()
+    rec = Recorder()
+    metal_stream.run(plan, {0: q, 1: k, 2: k, 3: out}, device="cpu", compile_shader=rec.compile)
+    assert len(rec.sources) == 1
+    assert rec.sources[0].startswith("#define MF_DTYPE 1\n#define MF_MAX_D 128\n")
+    assert rec.sources[0].endswith(_C.metal_source("attn_vec.metal"))
+    assert [c[0] for c in rec.calls] == ["mf_attn_vec_split", "mf_attn_vec_merge"]
+    for (name, args, kw), (kernel, grid, tg) in zip(rec.calls, plan["launches"]):
+        assert kw["threads"] == [g * t for g, t in zip(grid, tg)]
+        assert kw["group_size"] == list(tg)
+        assert len(args) == 10
+        assert args[0] is q and args[1] is k and args[2] is k and args[3] is out
+        assert args[4].dtype == torch.uint8 and args[4].numel() == 16  # no lse: dummy
+        assert args[8].dtype == torch.float32 and args[8].numel() == plan["scratch_floats"]
+        assert bytes(args[9].numpy()) == plan["params"]
+    # the split and the merge launch see the same scratch buffer
+    assert rec.calls[0][1][8] is rec.calls[1][1][8]
+
+
+def test_stream_mode_compiles_once_per_variant():
+    metal_stream._libraries.clear()
+    plan, q, k, out = decode_plan()
+    rec = Recorder()
+    for _ in range(3):
+        metal_stream.run(plan, {0: q, 1: k, 2: k, 3: out}, device="cpu", compile_shader=rec.compile)
+    assert len(rec.sources) == 1 and len(rec.calls) == 6
