@@ -33,6 +33,7 @@ static PyObject *raise(const mf_error *err) {
 typedef struct call_args {
     const char *fn;
     PyObject *q, *k, *v, *out, *lse, *cu_q, *cu_k, *alibi;
+    PyObject *cu_q_dev, *cu_k_dev; /* varlen offsets on the inputs' device (Metal tiers) */
     long long max_q, max_k, window_left, window_right;
     PyObject *scale;
     int causal, want_lse, num_splits;
@@ -84,28 +85,70 @@ static int build(call_args *a, mf_problem *pb, mf_error *err) {
 
 static char *g_kwlist[] = {"fn", "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
                            "max_seqlen_k", "softmax_scale", "causal", "window_left", "window_right",
-                           "softcap", "alibi_slopes", "return_lse", "out", "lse", "num_splits", NULL};
+                           "softcap", "alibi_slopes", "return_lse", "out", "lse", "num_splits",
+                           "cu_seqlens_q_device", "cu_seqlens_k_device", NULL};
 
 static int parse(PyObject *args, PyObject *kwargs, const char *format, call_args *a) {
     memset(a, 0, sizeof *a);
-    a->cu_q = a->cu_k = a->alibi = a->out = a->lse = a->scale = Py_None;
+    a->cu_q = a->cu_k = a->alibi = a->out = a->lse = a->scale = a->cu_q_dev = a->cu_k_dev = Py_None;
     a->window_left = a->window_right = -1;
     a->num_splits = 1;
     return PyArg_ParseTupleAndKeywords(args, kwargs, format, g_kwlist, &a->fn, &a->q, &a->k, &a->v,
                                        &a->cu_q, &a->cu_k, &a->max_q, &a->max_k, &a->scale,
                                        &a->causal, &a->window_left, &a->window_right, &a->softcap,
-                                       &a->alibi, &a->want_lse, &a->out, &a->lse, &a->num_splits);
+                                       &a->alibi, &a->want_lse, &a->out, &a->lse, &a->num_splits,
+                                       &a->cu_q_dev, &a->cu_k_dev);
 }
 
-#define FORWARD_FORMAT "sOOO|OOLLOpLLdOpOOi:forward"
+#define FORWARD_FORMAT "sOOO|OOLLOpLLdOpOOiOO:forward"
 
 PyDoc_STRVAR(forward_doc,
 "forward($module, /, fn, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,\n"
 "        max_seqlen_k=0, softmax_scale=None, causal=False, window_left=-1, window_right=-1,\n"
-"        softcap=0.0, alibi_slopes=None, return_lse=False)\n--\n\n"
+"        softcap=0.0, alibi_slopes=None, return_lse=False, cu_seqlens_q_device=None,\n"
+"        cu_seqlens_k_device=None)\n--\n\n"
 "Validates one attention call, chooses its tier and runs it when the tier is native.\n"
-"Returns (out, lse or None, tier). For the 'reference' tier nothing is computed and\n"
-"out and lse are None: the caller runs mtlflash.reference.");
+"Returns (out, lse or None, tier, stream_plan). For the 'reference' tier nothing is computed\n"
+"and out and lse are None: the caller runs mtlflash.reference. With MTLFLASH_DISPATCH=stream a\n"
+"Metal tier is planned, out/lse are allocated but not written, and stream_plan (a dict like\n"
+"metal_plan's) is for the caller to encode on torch's stream; otherwise stream_plan is None.\n"
+"Queue mode (default) expects the caller to have called torch.mps.synchronize().");
+
+static PyObject *plan_to_dict(const mf_metal_plan *plan);
+
+/* Runs a Metal tier in queue mode, or plans it for stream mode (*stream_plan set). */
+static int run_metal(call_args *a, const mf_problem *pb, mf_tier tier, PyObject **stream_plan, mf_error *err) {
+    int rc;
+    mf_dispatch mode;
+    mf_metal_caps caps;
+    mf_metal_plan mplan;
+    mf_metal_binding slots[MF_NUM_SLOTS];
+    mf_tensor cu_q_dev, cu_k_dev;
+    char msg[512];
+    if ((rc = mf_plan_dispatch(&mode, err))) return rc;
+    if (mf_metal_caps_of(pb->tq.mtl_buffer, &caps, msg, sizeof msg) != 0)
+        return mf_fail(err, MF_ERR_RUNTIME, "[%s] %s", a->fn, msg);
+    if ((rc = mf_metal_plan_make(pb, tier, &caps, &mplan, err))) return rc;
+    if (mode == MF_DISPATCH_STREAM) {
+        *stream_plan = plan_to_dict(&mplan);
+        return *stream_plan ? MF_OK : mf_fail(err, MF_ERR_MEMORY, "[%s] out of memory", a->fn);
+    }
+    memset(slots, 0, sizeof slots);
+    if ((rc = mf_tensor_view(a->cu_q_dev, a->fn, "cu_seqlens_q", 1, &cu_q_dev, err))) return rc;
+    if ((rc = mf_tensor_view(a->cu_k_dev, a->fn, "cu_seqlens_k", 1, &cu_k_dev, err))) return rc;
+    if ((pb->p.flags & MF_FLAG_VARLEN) && (!cu_q_dev.present || !cu_k_dev.present))
+        return mf_fail(err, MF_ERR_RUNTIME, "[%s] the Metal tiers need cu_seqlens on the device", a->fn);
+    const mf_tensor *views[8] = {&pb->tq, &pb->tk, &pb->tv, &pb->to, &pb->tlse, &cu_q_dev, &cu_k_dev, &pb->talibi};
+    const char *names[8] = {"q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes"};
+    for (int s = 0; s < 8; s++)
+        if ((rc = mf_metal_bind(views[s], a->fn, names[s], &slots[s], err))) return rc;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = mf_metal_run(&mplan, slots, msg, sizeof msg);
+    Py_END_ALLOW_THREADS
+    if (failed) return mf_fail(err, MF_ERR_RUNTIME, "[%s] %s tier: %s", a->fn, mf_tier_name(tier), msg);
+    return MF_OK;
+}
 
 static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
@@ -113,17 +156,13 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
     mf_problem pb;
     mf_plan plan;
     mf_error err = {MF_OK, ""};
-    PyObject *out = NULL, *lse = NULL;
+    PyObject *out = NULL, *lse = NULL, *stream_plan = NULL;
+    int rc;
     if (!parse(args, kwargs, FORWARD_FORMAT, &a)) return NULL;
     a.out = a.lse = Py_None; /* outputs are allocated here */
     if (build(&a, &pb, &err)) return raise(&err);
     if (mf_plan_choose(&pb, getenv("MTLFLASH_KERNEL"), &plan, &err)) return raise(&err);
-    if (plan.tier == MF_TIER_REFERENCE) return Py_BuildValue("(OOs)", Py_None, Py_None, "reference");
-    if (plan.tier != MF_TIER_CPU) {
-        mf_fail(&err, MF_ERR_RUNTIME, "[%s] tier %s has no dispatch in this build", a.fn,
-                mf_tier_name(plan.tier));
-        return raise(&err);
-    }
+    if (plan.tier == MF_TIER_REFERENCE) return Py_BuildValue("(OOsO)", Py_None, Py_None, "reference", Py_None);
 
     int64_t shape[4];
     int n = mf_problem_out_shape(&pb, shape);
@@ -136,29 +175,31 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
     }
     a.out = out;
     a.lse = lse ? lse : Py_None;
-    if (build(&a, &pb, &err)) {
-        raise(&err);
-        goto fail;
+    if (build(&a, &pb, &err)) goto fail_err;
+    if (plan.tier == MF_TIER_CPU) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = mf_cpu_forward(&pb, plan.num_threads, &err);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = run_metal(&a, &pb, plan.tier, &stream_plan, &err);
     }
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = mf_cpu_forward(&pb, plan.num_threads, &err);
-    Py_END_ALLOW_THREADS
-    if (rc) {
-        raise(&err);
-        goto fail;
-    }
-    PyObject *res = Py_BuildValue("(OOs)", out, lse ? lse : Py_None, mf_tier_name(plan.tier));
+    if (rc) goto fail_err;
+    PyObject *res = Py_BuildValue("(OOsO)", out, lse ? lse : Py_None, mf_tier_name(plan.tier),
+                                  stream_plan ? stream_plan : Py_None);
     Py_DECREF(out);
     Py_XDECREF(lse);
+    Py_XDECREF(stream_plan);
     return res;
+fail_err:
+    raise(&err);
 fail:
     Py_XDECREF(out);
     Py_XDECREF(lse);
+    Py_XDECREF(stream_plan);
     return NULL;
 }
 
-#define PLAN_FORMAT "sOOO|OOLLOpLLdOpOOi:plan"
+#define PLAN_FORMAT "sOOO|OOLLOpLLdOpOOiOO:plan"
 
 PyDoc_STRVAR(plan_doc,
 "plan($module, /, fn, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,\n"
@@ -180,7 +221,7 @@ static PyObject *py_plan(PyObject *self, PyObject *args, PyObject *kwargs) {
     return PyUnicode_FromString(mf_tier_name(plan.tier));
 }
 
-#define PARAMS_FORMAT "sOOO|OOLLOpLLdOpOOi:metal_params"
+#define PARAMS_FORMAT "sOOO|OOLLOpLLdOpOOiOO:metal_params"
 
 PyDoc_STRVAR(metal_params_doc,
 "metal_params($module, /, fn, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,\n"
@@ -233,7 +274,8 @@ static int caps_from_dict(PyObject *d, mf_metal_caps *caps) {
 
 PyDoc_STRVAR(metal_plan_doc,
 "metal_plan($module, tier, caps, /, fn, q, k, v, ...same as metal_params...)\n--\n\n"
-"The launch plan of a call on a Metal tier for a device with the given capabilities\n"
+"The launch plan of a call on a Metal tier (or 'auto': the automatic choice) for a device with\n"
+"the given capabilities\n"
 "(caps: dict with apple_family, bfloat, tensorops): a dict with source, defines, launches\n"
 "[(kernel, grid, threadgroup)], scratch_floats, threadgroup_memory and params (bytes).\n"
 "Raises RuntimeError with the reason when the tier does not serve the call.");
@@ -251,32 +293,43 @@ static PyObject *py_metal_plan(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     const char *tier_name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(args, 0));
     if (tier_name == NULL || caps_from_dict(PyTuple_GET_ITEM(args, 1), &caps) < 0) return NULL;
-    int tier = -1;
+    int tier = -1, is_auto = strcmp(tier_name, "auto") == 0;
     for (int t = 0; t < MF_NUM_TIERS; t++)
         if (strcmp(tier_name, mf_tier_name((mf_tier)t)) == 0) tier = t;
-    if (tier < 0) {
+    if (tier < 0 && !is_auto) {
         PyErr_Format(PyExc_ValueError, "metal_plan: unknown tier '%s'", tier_name);
         return NULL;
     }
     PyObject *rest = PyTuple_GetSlice(args, 2, PyTuple_GET_SIZE(args));
     if (rest == NULL) return NULL;
-    int ok = parse(rest, kwargs, "sOOO|OOLLOpLLdOpOOi:metal_plan", &a);
+    int ok = parse(rest, kwargs, "sOOO|OOLLOpLLdOpOOiOO:metal_plan", &a);
     Py_DECREF(rest);
     if (!ok) return NULL;
     if (build(&a, &pb, &err)) return raise(&err);
+    if (is_auto) { /* the automatic choice on this device */
+        tier = (int)mf_metal_choose(&pb, &caps);
+        if (tier == MF_NUM_TIERS) {
+            mf_fail(&err, MF_ERR_RUNTIME, "[%s] no Metal tier serves this call on this device", a.fn);
+            return raise(&err);
+        }
+    }
     if (mf_metal_plan_make(&pb, (mf_tier)tier, &caps, &plan, &err)) return raise(&err);
+    return plan_to_dict(&plan);
+}
+
+static PyObject *plan_to_dict(const mf_metal_plan *plan) {
     PyObject *defines = PyDict_New(), *launches = PyList_New(0), *res = NULL;
     if (defines == NULL || launches == NULL) goto done;
-    for (int i = 0; i < plan.n_defines; i++) {
-        PyObject *v = PyLong_FromLong(plan.defines[i].value);
-        if (v == NULL || PyDict_SetItemString(defines, plan.defines[i].name, v) < 0) {
+    for (int i = 0; i < plan->n_defines; i++) {
+        PyObject *v = PyLong_FromLong(plan->defines[i].value);
+        if (v == NULL || PyDict_SetItemString(defines, plan->defines[i].name, v) < 0) {
             Py_XDECREF(v);
             goto done;
         }
         Py_DECREF(v);
     }
-    for (int i = 0; i < plan.n_launches; i++) {
-        const mf_metal_launch *l = &plan.launches[i];
+    for (int i = 0; i < plan->n_launches; i++) {
+        const mf_metal_launch *l = &plan->launches[i];
         PyObject *item = Py_BuildValue("(s(III)(III))", l->kernel, l->grid[0], l->grid[1], l->grid[2],
                                        l->threadgroup[0], l->threadgroup[1], l->threadgroup[2]);
         if (item == NULL || PyList_Append(launches, item) < 0) {
@@ -285,11 +338,11 @@ static PyObject *py_metal_plan(PyObject *self, PyObject *args, PyObject *kwargs)
         }
         Py_DECREF(item);
     }
-    res = Py_BuildValue("{s:s,s:s,s:O,s:O,s:K,s:I,s:y#}", "tier", mf_tier_name(plan.tier), "source",
-                        plan.source ? plan.source : "", "defines", defines, "launches", launches,
-                        "scratch_floats", (unsigned long long)plan.scratch_floats, "threadgroup_memory",
-                        plan.threadgroup_memory, "params", (const char *)&plan.params,
-                        (Py_ssize_t)sizeof plan.params);
+    res = Py_BuildValue("{s:s,s:s,s:O,s:O,s:K,s:I,s:y#}", "tier", mf_tier_name(plan->tier), "source",
+                        plan->source ? plan->source : "", "defines", defines, "launches", launches,
+                        "scratch_floats", (unsigned long long)plan->scratch_floats, "threadgroup_memory",
+                        plan->threadgroup_memory, "params", (const char *)&plan->params,
+                        (Py_ssize_t)sizeof plan->params);
 done:
     Py_XDECREF(defines);
     Py_XDECREF(launches);

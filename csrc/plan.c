@@ -2,8 +2,9 @@
  *
  *   device  | auto choice                                   | MTLFLASH_KERNEL=<tier>
  *   cpu     | cpu                                           | cpu or reference; Metal tiers refuse
- *   mps     | a Metal tier when the bridge serves the shape, | that tier, or an error with the reason
- *           | else reference (torch on the same device)     |
+ *   mps     | mf_metal_choose (metal/dispatch.c): vec for    | that tier, or an error with the reason
+ *           | decode, simdgroup for prefill; else reference  |
+ *           | (torch on the same device)                     |
  *
  * Forcing a tier that cannot run raises with the reason; nothing silently runs something else. */
 #include "plan.h"
@@ -14,6 +15,7 @@
 #include <unistd.h>
 
 #include "metal/bridge.h"
+#include "metal/dispatch.h"
 
 static const char *const g_tier_names[MF_NUM_TIERS] = {"cpu", "vec", "simdgroup", "tensorops",
                                                        "reference"};
@@ -54,8 +56,11 @@ int mf_tier_supports(mf_tier tier, const mf_problem *pb, char *reason, size_t n)
                      mf_tier_name(tier), mf_device_name(pb->device));
             return 0;
         }
-        snprintf(reason, n, "no Metal kernel serves this problem yet");
-        return 0;
+        {
+            mf_metal_caps caps;
+            if (mf_metal_caps_of(pb->tq.mtl_buffer, &caps, reason, n) != 0) return 0;
+            return mf_metal_tier_serves(tier, pb, &caps, reason, n);
+        }
     }
 }
 
@@ -79,6 +84,8 @@ int mf_plan_choose(const mf_problem *pb, const char *forced, mf_plan *plan, mf_e
     int nt = mf_plan_num_threads(err);
     if (nt < 0) return err->kind;
     plan->num_threads = nt;
+    mf_dispatch mode; /* checked on every call, so a typo shows on any machine */
+    if (mf_plan_dispatch(&mode, err)) return err->kind;
 
     if (forced != NULL && *forced != '\0' && strcmp(forced, "auto") != 0) {
         for (int t = 0; t < MF_NUM_TIERS; t++) {
@@ -97,13 +104,24 @@ int mf_plan_choose(const mf_problem *pb, const char *forced, mf_plan *plan, mf_e
         plan->tier = MF_TIER_CPU;
         return MF_OK;
     }
-    static const mf_tier metal_order[3] = {MF_TIER_TENSOROPS, MF_TIER_SIMDGROUP, MF_TIER_VEC};
-    for (int i = 0; i < 3; i++) {
-        if (mf_tier_supports(metal_order[i], pb, reason, sizeof reason)) {
-            plan->tier = metal_order[i];
-            return MF_OK;
-        }
-    }
+    /* MPS: the Metal tier the device and shape call for, else torch on the same device */
     plan->tier = MF_TIER_REFERENCE;
+    mf_metal_caps caps;
+    if (pb->device == MF_DEV_MPS && mf_tier_available(MF_TIER_VEC, reason, sizeof reason) &&
+        mf_metal_caps_of(pb->tq.mtl_buffer, &caps, reason, sizeof reason) == 0) {
+        mf_tier t = mf_metal_choose(pb, &caps);
+        if (t != MF_NUM_TIERS) plan->tier = t;
+    }
     return MF_OK;
+}
+
+int mf_plan_dispatch(mf_dispatch *mode, mf_error *err) {
+    const char *env = getenv("MTLFLASH_DISPATCH");
+    *mode = MF_DISPATCH_QUEUE;
+    if (env == NULL || *env == '\0' || strcmp(env, "queue") == 0) return MF_OK;
+    if (strcmp(env, "stream") == 0) {
+        *mode = MF_DISPATCH_STREAM;
+        return MF_OK;
+    }
+    return mf_fail(err, MF_ERR_VALUE, "MTLFLASH_DISPATCH: unknown value '%s'; valid values: queue, stream", env);
 }

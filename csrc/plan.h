@@ -32,4 +32,8 @@ int mf_plan_choose(const mf_problem *pb, const char *forced, mf_plan *plan, mf_e
 /* CPU threads to use: MTLFLASH_NUM_THREADS, else the number of online cores. */
 int mf_plan_num_threads(mf_error *err);
 
+/* How Metal work reaches the GPU: MTLFLASH_DISPATCH=queue (default) or stream. */
+typedef enum mf_dispatch { MF_DISPATCH_QUEUE = 0, MF_DISPATCH_STREAM = 1 } mf_dispatch;
+int mf_plan_dispatch(mf_dispatch *mode, mf_error *err);
+
 #endif /* MF_PLAN_H */

@@ -340,3 +340,12 @@ def test_metal_params_packing():
     assert flags == 4 | 8 | 16  # softcap, lse, causal
     scale, scale_log2, softcap = struct.unpack_from("<3f", blob, 176)
     assert abs(scale - 32 ** -0.5) < 1e-7 and abs(softcap - 3.0) < 1e-7
+
+
+def test_unknown_dispatch_mode(monkeypatch):
+    monkeypatch.setenv("MTLFLASH_DISPATCH", "fast")
+    with pytest.raises(ValueError, match="MTLFLASH_DISPATCH: unknown value 'fast'; valid values: queue, stream"):
+        mtlflash.flash_attn_func(*qkv())
+    for value in ["queue", "stream", ""]:
+        monkeypatch.setenv("MTLFLASH_DISPATCH", value)
+        mtlflash.flash_attn_func(*qkv())

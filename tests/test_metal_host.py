@@ -152,3 +152,60 @@ def test_vec_plan_varlen_runs():
                            causal=True, alibi_slopes=slopes, softcap=4.0, schedule="random", seed=9)
     check_against_reference(out, lse, q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True,
                             alibi_slopes=slopes, softcap=4.0)
+
+
+# --- the automatic choice and the simdgroup tier's plans -------------------------------------------
+
+@pytest.mark.parametrize("sq,expected", [(1, "vec"), (8, "vec"), (9, "simdgroup"), (4096, "simdgroup")])
+def test_auto_choice_decode_to_vec_prefill_to_simdgroup(sq, expected):
+    assert plan("auto", sq=sq, sk=4096)["tier"] == expected
+
+
+def test_auto_choice_without_simdgroup_matrix_falls_back_to_vec():
+    assert plan("auto", sq=512, device_caps=host.caps(apple_family=6))["tier"] == "vec"
+    with pytest.raises(RuntimeError, match="Apple7"):
+        plan("simdgroup", device_caps=host.caps(apple_family=6))
+
+
+SG_TABLE = [  # (dtype, D, Dv) -> (MF_D, MF_DV, simdgroups, keys per block, threadgroup bytes)
+    # bytes = (8 * simdgroups * (MF_D + 4) + max(MF_D * (keys + 4), keys * (MF_DV + 4))) * element size
+    (torch.float16, 64, 64, (64, 64, 4, 32, 8960)),
+    (torch.bfloat16, 128, 128, (128, 128, 4, 16, 13568)),
+    (torch.float32, 96, 96, (96, 96, 4, 32, 26624)),
+    (torch.float32, 128, 128, (128, 128, 4, 16, 27136)),
+    (torch.float32, 160, 160, (160, 160, 4, 8, 28672)),
+    (torch.float32, 192, 128, (192, 128, 2, 16, (8 * 2 * 196 + 192 * 20) * 4)),
+    (torch.float32, 256, 256, (256, 256, 2, 8, 28928)),
+    (torch.float16, 59, 40, (64, 40, 4, 32, (8 * 4 * 68 + 64 * 36) * 2)),
+]
+
+
+@pytest.mark.parametrize("dtype,d,dv,expected", SG_TABLE)
+def test_simdgroup_tiles_within_32k(dtype, d, dv, expected):
+    p = plan("simdgroup", B=2, sq=100, hq=4, hk=2, d=d, dv=dv, dtype=dtype)
+    defs = p["defines"]
+    got = (defs["MF_D"], defs["MF_DV"], defs["MF_SG"], defs["MF_BK"], p["threadgroup_memory"])
+    assert got == expected
+    assert p["threadgroup_memory"] <= 32768
+    sg = defs["MF_SG"]
+    assert p["launches"] == [("mf_attn_simdgroup", ((100 + 8 * sg - 1) // (8 * sg), 4, 2), (32 * sg, 1, 1))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_simdgroup_budget_for_every_head_dim(dtype):
+    for d in range(8, 257, 8):
+        p = plan("simdgroup", sq=16, d=d, dv=d, dtype=dtype)
+        assert p["threadgroup_memory"] <= 32768, d
+
+
+@pytest.mark.parametrize("schedule,seed", SCHEDULES)
+def test_simdgroup_plan_runs(schedule, seed):
+    g = torch.Generator().manual_seed(seed + 100)
+    q = torch.randn(2, 41, 4, 80, generator=g).bfloat16()
+    k = torch.randn(2, 70, 2, 80, generator=g).bfloat16()
+    v = torch.randn(2, 70, 2, 40, generator=g).bfloat16()
+    slopes = torch.rand(4, generator=g)
+    out, lse, p = host.run("auto", q, k, v, causal=True, window_size=(30, -1), alibi_slopes=slopes,
+                           schedule=schedule, seed=seed)
+    assert p["tier"] == "simdgroup"
+    check_against_reference(out, lse, q, k, v, causal=True, window_size=(30, -1), alibi_slopes=slopes)

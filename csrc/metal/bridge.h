@@ -18,13 +18,6 @@ const char *mf_metal_build_info(void);
 /* Capabilities of the device that owns this MTLBuffer handle. 0 on success, else -1 + reason. */
 int mf_metal_caps_of(uint64_t mtl_buffer, mf_metal_caps *caps, char *err, size_t err_len);
 
-/* One bound buffer: handle (0 = unbound: a dummy buffer is bound), byte offset, and the number of
- * bytes the kernel may touch from that offset (checked against the buffer by the caller). */
-typedef struct mf_metal_binding {
-    uint64_t buffer;
-    int64_t offset;
-} mf_metal_binding;
-
 /* Queue mode: encodes the plan's launches on mtlflash's own command queue for the buffers'
  * device, commits, waits, and checks the command buffer's status. Call without the GIL, after
  * torch.mps.synchronize(), with every tensor referenced until it returns. Slot MF_SLOT_SCRATCH

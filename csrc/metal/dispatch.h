@@ -16,7 +16,7 @@ typedef struct mf_metal_caps {
     int tensorops;       /* MetalPerformancePrimitives probe passed (macOS 26.2+, Metal 4) */
 } mf_metal_caps;
 
-#define MF_METAL_MAX_DEFINES 4
+#define MF_METAL_MAX_DEFINES 6
 #define MF_METAL_MAX_LAUNCHES 2
 
 typedef struct mf_metal_define {
@@ -42,9 +42,23 @@ typedef struct mf_metal_plan {
     mf_params params;             /* the problem's params with the split fields set */
 } mf_metal_plan;
 
+/* One bound buffer: the MTLBuffer handle (0 = unbound: the bridge binds a dummy) and the byte
+ * offset of the tensor's first element in it. */
+typedef struct mf_metal_binding {
+    uint64_t buffer;
+    int64_t offset;
+} mf_metal_binding;
+
+/* The binding of an MPS tensor view, after checking that every element it addresses lies
+ * inside its storage. An absent view gives an unbound slot. */
+int mf_metal_bind(const mf_tensor *t, const char *fn, const char *name, mf_metal_binding *b, mf_error *err);
+
 /* Does `tier` (a Metal tier) serve this problem on this device? 1, or 0 with the reason. */
 int mf_metal_tier_serves(mf_tier tier, const mf_problem *pb, const mf_metal_caps *caps, char *reason,
                          size_t reason_len);
+
+/* The tier the automatic choice takes on this device (MF_NUM_TIERS when no Metal tier serves). */
+mf_tier mf_metal_choose(const mf_problem *pb, const mf_metal_caps *caps);
 
 /* The launch plan of a problem on a Metal tier that serves it. */
 int mf_metal_plan_make(const mf_problem *pb, mf_tier tier, const mf_metal_caps *caps, mf_metal_plan *plan,

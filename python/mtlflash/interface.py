@@ -117,12 +117,42 @@ def _empty_like(x):
     return np.empty((0,), dtype=x.dtype)
 
 
+_metal_built = None
+
+
+def _prepare_mps(fn):
+    """Before a call on MPS tensors that may reach the Metal bridge: refuse while torch captures a
+    Metal graph, and in queue mode let torch's queued work finish first."""
+    global _metal_built
+    if _metal_built is None:
+        _metal_built = not _C.build_info()["metal"].startswith("not built")
+    if not _metal_built:
+        return
+    import os
+
+    import torch
+
+    capturing = getattr(torch.mps, "is_current_stream_capturing", None)
+    if capturing is not None and capturing():
+        raise RuntimeError(f"[{fn}] cannot run while torch is capturing a Metal graph")
+    if os.environ.get("MTLFLASH_DISPATCH", "queue") != "stream":
+        torch.mps.synchronize()
+
+
 def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, softcap, alibi, want_lse):
-    out, lse, tier = _C.forward(
+    mps = _is_torch(q) and q.device.type == "mps"
+    if mps:
+        _prepare_mps(fn)
+    out, lse, tier, stream_plan = _C.forward(
         fn, q, k, v, _cpu_offsets(cu_q), _cpu_offsets(cu_k), max_q, max_k, softmax_scale, causal,
         window[0], window[1], softcap, alibi, want_lse,
+        cu_seqlens_q_device=cu_q if mps else None, cu_seqlens_k_device=cu_k if mps else None,
     )
-    if tier == "reference":
+    if stream_plan is not None:
+        from . import metal_stream
+
+        metal_stream.run(stream_plan, {0: q, 1: k, 2: v, 3: out, 4: lse, 5: cu_q, 6: cu_k, 7: alibi})
+    elif tier == "reference":
         from . import reference
 
         ref_out, ref_lse = reference.attention(
