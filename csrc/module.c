@@ -383,6 +383,16 @@ static PyObject *py_metal_files(PyObject *self, PyObject *unused) {
     return list;
 }
 
+PyDoc_STRVAR(disable_metal_doc, "disable_metal($module, reason, /)\n--\n\nTurn the Metal tiers off for this process.");
+
+static PyObject *py_disable_metal(PyObject *self, PyObject *arg) {
+    (void)self;
+    const char *why = PyUnicode_AsUTF8(arg);
+    if (why == NULL) return NULL;
+    mf_plan_disable_metal(why);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(tiers_doc, "tiers($module, /)\n--\n\nList of (tier, available, reason).");
 
 static PyObject *py_tiers(PyObject *self, PyObject *unused) {
@@ -432,6 +442,7 @@ static PyMethodDef methods[] = {
     {"metal_plan", (PyCFunction)(void (*)(void))py_metal_plan, METH_VARARGS | METH_KEYWORDS, metal_plan_doc},
     {"metal_source", py_metal_source, METH_O, metal_source_doc},
     {"metal_files", py_metal_files, METH_NOARGS, metal_files_doc},
+    {"disable_metal", py_disable_metal, METH_O, disable_metal_doc},
     {"tiers", py_tiers, METH_NOARGS, tiers_doc},
     {"build_info", py_build_info, METH_NOARGS, build_info_doc},
     {"num_threads", py_num_threads, METH_NOARGS, num_threads_doc},

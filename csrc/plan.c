@@ -28,7 +28,19 @@ static int is_metal_tier(mf_tier t) {
     return t == MF_TIER_VEC || t == MF_TIER_SIMDGROUP || t == MF_TIER_TENSOROPS;
 }
 
+/* Set when a Metal launch failed under the automatic choice: the Metal tiers then stay off for
+ * the process (MPS calls run on the reference tier) and report this reason. */
+static char g_metal_disabled[400];
+
+void mf_plan_disable_metal(const char *why) {
+    snprintf(g_metal_disabled, sizeof g_metal_disabled, "disabled after an error in this process: %s", why);
+}
+
 int mf_tier_available(mf_tier tier, char *reason, size_t n) {
+    if (is_metal_tier(tier) && g_metal_disabled[0] != '\0') {
+        snprintf(reason, n, "%s", g_metal_disabled);
+        return 0;
+    }
     if (is_metal_tier(tier)) return mf_metal_available(reason, n);
     snprintf(reason, n, "%s", tier == MF_TIER_CPU ? "always available" : "runs wherever torch runs");
     return 1;

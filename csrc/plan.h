@@ -29,6 +29,9 @@ int mf_tier_supports(mf_tier tier, const mf_problem *pb, char *reason, size_t re
 /* `forced` is the MTLFLASH_KERNEL value (NULL or "" or "auto" for automatic choice). */
 int mf_plan_choose(const mf_problem *pb, const char *forced, mf_plan *plan, mf_error *err);
 
+/* Turns the Metal tiers off for the rest of the process (after a failed automatic launch). */
+void mf_plan_disable_metal(const char *why);
+
 /* CPU threads to use: MTLFLASH_NUM_THREADS, else the number of online cores. */
 int mf_plan_num_threads(mf_error *err);
 

@@ -349,3 +349,10 @@ def test_unknown_dispatch_mode(monkeypatch):
     for value in ["queue", "stream", ""]:
         monkeypatch.setenv("MTLFLASH_DISPATCH", value)
         mtlflash.flash_attn_func(*qkv())
+
+
+def test_metal_can_be_turned_off_for_the_process():
+    code = ("import mtlflash; from mtlflash import _C; _C.disable_metal('kernel compile failed'); "
+            "print(mtlflash.backend_info()['tiers']['simdgroup']['reason'])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "disabled after an error in this process: kernel compile failed"

@@ -143,16 +143,31 @@ def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, s
     mps = _is_torch(q) and q.device.type == "mps"
     if mps:
         _prepare_mps(fn)
-    out, lse, tier, stream_plan = _C.forward(
-        fn, q, k, v, _cpu_offsets(cu_q), _cpu_offsets(cu_k), max_q, max_k, softmax_scale, causal,
-        window[0], window[1], softcap, alibi, want_lse,
-        cu_seqlens_q_device=cu_q if mps else None, cu_seqlens_k_device=cu_k if mps else None,
-    )
-    if stream_plan is not None:
-        from . import metal_stream
+    args = (fn, q, k, v, _cpu_offsets(cu_q), _cpu_offsets(cu_k), max_q, max_k, softmax_scale, causal,
+            window[0], window[1], softcap, alibi, want_lse)
+    device_offsets = {"cu_seqlens_q_device": cu_q if mps else None, "cu_seqlens_k_device": cu_k if mps else None}
+    try:
+        out, lse, tier, stream_plan = _C.forward(*args, **device_offsets)
+        if stream_plan is not None:
+            from . import metal_stream
 
-        metal_stream.run(stream_plan, {0: q, 1: k, 2: v, 3: out, 4: lse, 5: cu_q, 6: cu_k, 7: alibi})
-    elif tier == "reference":
+            metal_stream.run(stream_plan, {0: q, 1: k, 2: v, 3: out, 4: lse, 5: cu_q, 6: cu_k, 7: alibi})
+    except RuntimeError as e:
+        # The Metal kernels await their first runs on many machines: under the automatic choice a
+        # failed Metal launch turns Metal off for the process (with a warning) and the call runs
+        # on the reference tier. A forced tier (MTLFLASH_KERNEL) still raises.
+        import os
+
+        if not mps or os.environ.get("MTLFLASH_KERNEL", "auto") not in ("", "auto"):
+            raise
+        import warnings
+
+        warnings.warn(f"mtlflash: the Metal backend failed and is off for this process; MPS calls run on "
+                      f"the reference tier. Please report this with `python -m mtlflash check`: {e}",
+                      RuntimeWarning, stacklevel=4)
+        _C.disable_metal(str(e))
+        out, lse, tier, stream_plan = _C.forward(*args, **device_offsets)
+    if tier == "reference":
         from . import reference
 
         ref_out, ref_lse = reference.attention(
