@@ -129,19 +129,26 @@ static int run_metal(call_args *a, const mf_problem *pb, mf_tier tier, PyObject 
     if (mf_metal_caps_of(pb->tq.mtl_buffer, &caps, msg, sizeof msg) != 0)
         return mf_fail(err, MF_ERR_RUNTIME, "[%s] %s", a->fn, msg);
     if ((rc = mf_metal_plan_make(pb, tier, &caps, &mplan, err))) return rc;
-    if (mode == MF_DISPATCH_STREAM) {
-        *stream_plan = plan_to_dict(&mplan);
-        return *stream_plan ? MF_OK : mf_fail(err, MF_ERR_MEMORY, "[%s] out of memory", a->fn);
-    }
     memset(slots, 0, sizeof slots);
     if ((rc = mf_tensor_view(a->cu_q_dev, a->fn, "cu_seqlens_q", 1, &cu_q_dev, err))) return rc;
     if ((rc = mf_tensor_view(a->cu_k_dev, a->fn, "cu_seqlens_k", 1, &cu_k_dev, err))) return rc;
-    if ((pb->p.flags & MF_FLAG_VARLEN) && (!cu_q_dev.present || !cu_k_dev.present))
-        return mf_fail(err, MF_ERR_RUNTIME, "[%s] the Metal tiers need cu_seqlens on the device", a->fn);
+    if (pb->p.flags & MF_FLAG_VARLEN) {
+        const mf_tensor *cu[2] = {&cu_q_dev, &cu_k_dev};
+        for (int i = 0; i < 2; i++)
+            if (!cu[i]->present || cu[i]->dtype != MF_I32 || cu[i]->ndim != 1 ||
+                (cu[i]->shape[0] > 1 && cu[i]->stride[0] != 1))
+                return mf_fail(err, MF_ERR_VALUE, "[%s] %s: the Metal tiers need it as a contiguous int32 "
+                               "tensor on the device", a->fn, i ? "cu_seqlens_k" : "cu_seqlens_q");
+    }
+    /* every bound tensor checked against its storage, in both dispatch modes */
     const mf_tensor *views[8] = {&pb->tq, &pb->tk, &pb->tv, &pb->to, &pb->tlse, &cu_q_dev, &cu_k_dev, &pb->talibi};
     const char *names[8] = {"q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes"};
     for (int s = 0; s < 8; s++)
         if ((rc = mf_metal_bind(views[s], a->fn, names[s], &slots[s], err))) return rc;
+    if (mode == MF_DISPATCH_STREAM) {
+        *stream_plan = plan_to_dict(&mplan);
+        return *stream_plan ? MF_OK : mf_fail(err, MF_ERR_MEMORY, "[%s] out of memory", a->fn);
+    }
     int failed;
     Py_BEGIN_ALLOW_THREADS
     failed = mf_metal_run(&mplan, slots, msg, sizeof msg);

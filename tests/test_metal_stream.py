@@ -2,6 +2,9 @@
 and the compiled source it hands to torch.mps.compile_shader (a recording stand-in here)."""
 from __future__ import annotations
 
+import struct
+
+import pytest
 import torch
 
 from mtlflash import _C, metal_stream
@@ -33,8 +36,13 @@ def decode_plan():
     return plan, q, k, out
 
 
-def test_stream_mode_encodes_the_plan():
+def reset():
     metal_stream._libraries.clear()
+    metal_stream._kernels.clear()
+
+
+def test_stream_mode_encodes_the_plan():
+    reset()
     plan, q, k, out = decode_plan()
     rec = Recorder()
     metal_stream.run(plan, {0: q, 1: k, 2: k, 3: out}, device="cpu", compile_shader=rec.compile)
@@ -49,15 +57,35 @@ def test_stream_mode_encodes_the_plan():
         assert args[0] is q and args[1] is k and args[2] is k and args[3] is out
         assert args[4].dtype == torch.uint8 and args[4].numel() == 16  # no lse: dummy
         assert args[8].dtype == torch.float32 and args[8].numel() == plan["scratch_floats"]
-        assert bytes(args[9].numpy()) == plan["params"]
+        assert struct.pack("<24q", *args[9]) == plan["params"]
     # the split and the merge launch see the same scratch buffer
     assert rec.calls[0][1][8] is rec.calls[1][1][8]
 
 
 def test_stream_mode_compiles_once_per_variant():
-    metal_stream._libraries.clear()
+    reset()
     plan, q, k, out = decode_plan()
     rec = Recorder()
     for _ in range(3):
         metal_stream.run(plan, {0: q, 1: k, 2: k, 3: out}, device="cpu", compile_shader=rec.compile)
     assert len(rec.sources) == 1 and len(rec.calls) == 6
+
+
+def test_stream_mode_reports_torch_errors_as_runtime_errors():
+    reset()
+    plan, q, k, out = decode_plan()
+
+    def broken(source):
+        raise SyntaxError("program_source:1:1: error: unknown type name")
+
+    with pytest.raises(RuntimeError, match="stream mode: SyntaxError"):
+        metal_stream.run(plan, {0: q, 1: k, 2: k, 3: out}, device="cpu", compile_shader=broken)
+
+
+def test_metal_sources_are_ascii_without_pragma_once():
+    # torch.mps.compile_shader reads sources as ASCII and rewrites `#pragma once` itself
+    for name in _C.metal_files():
+        text = _C.metal_source(name) if name.endswith(".metal") else None
+        if text is not None:
+            assert text.isascii(), name
+            assert not any(line.strip().startswith("#pragma once") for line in text.splitlines()), name

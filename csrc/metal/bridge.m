@@ -40,16 +40,30 @@ static id<MTLBuffer> buffer_from_handle(uint64_t handle) {
     return (__bridge id<MTLBuffer>)(void *)(uintptr_t)handle;
 }
 
-int mf_metal_available(char *reason, size_t reason_len) {
+/* Probed once per process: the default device, else the first of all devices. */
+static int g_available;
+static char g_available_reason[256];
+
+static void probe_once(void) {
     @autoreleasepool {
         id<MTLDevice> dev = MTLCreateSystemDefaultDevice();
         if (dev == nil) {
-            snprintf(reason, reason_len, "no Metal device found");
-            return 0;
+            NSArray<id<MTLDevice>> *all = MTLCopyAllDevices();
+            dev = all.count > 0 ? all[0] : nil;
         }
-        snprintf(reason, reason_len, "Metal device '%s'", dev.name.UTF8String);
-        return 1;
+        g_available = dev != nil;
+        snprintf(g_available_reason, sizeof g_available_reason, dev != nil ? "Metal device '%s'" : "%s",
+                 dev != nil ? dev.name.UTF8String : "no Metal device found");
     }
+}
+
+int mf_metal_available(char *reason, size_t reason_len) {
+    static dispatch_once_t once;
+    dispatch_once(&once, ^{
+      probe_once();
+    });
+    snprintf(reason, reason_len, "%s", g_available_reason);
+    return g_available;
 }
 
 const char *mf_metal_build_info(void) {
@@ -73,6 +87,8 @@ static void caps_of_device(id<MTLDevice> dev, mf_metal_caps *caps) {
     caps->tensorops = 0; /* no probe yet: the tier does not exist */
 }
 
+static NSMutableDictionary<NSNumber *, NSData *> *g_caps; /* under g_lock: registryID -> caps */
+
 int mf_metal_caps_of(uint64_t mtl_buffer, mf_metal_caps *caps, char *err, size_t err_len) {
     @autoreleasepool {
         id<MTLBuffer> buf = buffer_from_handle(mtl_buffer);
@@ -80,22 +96,44 @@ int mf_metal_caps_of(uint64_t mtl_buffer, mf_metal_caps *caps, char *err, size_t
             snprintf(err, err_len, "tensor has no Metal buffer");
             return -1;
         }
-        caps_of_device(buf.device, caps);
+        id<MTLDevice> dev = buf.device;
+        NSNumber *key = @(dev.registryID);
+        pthread_mutex_lock(&g_lock);
+        if (g_caps == nil) g_caps = [NSMutableDictionary dictionary];
+        NSData *known = g_caps[key];
+        if (known != nil) {
+            memcpy(caps, known.bytes, sizeof *caps);
+        } else {
+            caps_of_device(dev, caps);
+            g_caps[key] = [NSData dataWithBytes:caps length:sizeof *caps];
+        }
+        pthread_mutex_unlock(&g_lock);
         return 0;
     }
 }
 
 static MTLCompileOptions *compile_options(const mf_metal_plan *plan) {
     MTLCompileOptions *opt = [MTLCompileOptions new];
+    /* No fast math and precise library functions: mathMode exists only in the macOS 15 SDK (and
+     * @available checks the running OS, not the SDK), so older SDKs use fastMathEnabled. */
+#if defined(__MAC_15_0) && __MAC_OS_X_VERSION_MAX_ALLOWED >= __MAC_15_0
     if (@available(macOS 15.0, *)) {
         opt.mathMode = MTLMathModeSafe;
-    } else {
+        opt.mathFloatingPointFunctions = MTLMathFloatingPointFunctionsPrecise;
+    } else
+#endif
+    {
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wdeprecated-declarations"
         opt.fastMathEnabled = NO;
+#pragma clang diagnostic pop
     }
+    /* Metal 3.1 (macOS 14) for bfloat, else 3.0; raw values (major << 16 | minor) because older
+     * SDKs lack the newer names. */
     if (@available(macOS 14.0, *)) {
-        opt.languageVersion = MTLLanguageVersion3_1; /* bfloat */
-    } else {
-        opt.languageVersion = MTLLanguageVersion3_0;
+        opt.languageVersion = (MTLLanguageVersion)((3 << 16) + 1);
+    } else if (@available(macOS 13.0, *)) {
+        opt.languageVersion = (MTLLanguageVersion)(3 << 16);
     }
     NSMutableDictionary *macros = [NSMutableDictionary dictionary];
     for (int i = 0; i < plan->n_defines; i++)
@@ -104,7 +142,8 @@ static MTLCompileOptions *compile_options(const mf_metal_plan *plan) {
     return opt;
 }
 
-/* The pipeline of one kernel of the plan; compiles and caches under g_lock. */
+/* The pipeline of one kernel of the plan. Caches are looked up under g_lock; a compile runs
+ * outside it (two threads may compile the same variant once each: harmless). */
 static id<MTLComputePipelineState> pipeline_for(id<MTLDevice> dev, const mf_metal_plan *plan,
                                                 const char *kernel, char *err, size_t n) {
     NSMutableString *lib_key = [NSMutableString stringWithFormat:@"%llu|%s", (unsigned long long)dev.registryID,
@@ -113,9 +152,11 @@ static id<MTLComputePipelineState> pipeline_for(id<MTLDevice> dev, const mf_meta
         [lib_key appendFormat:@"|%s=%d", plan->defines[i].name, plan->defines[i].value];
     NSString *pipe_key = [NSString stringWithFormat:@"%@|%s", lib_key, kernel];
 
+    pthread_mutex_lock(&g_lock);
     id<MTLComputePipelineState> ps = g_pipelines[pipe_key];
-    if (ps != nil) return ps;
     id<MTLLibrary> lib = g_libraries[lib_key];
+    pthread_mutex_unlock(&g_lock);
+    if (ps != nil) return ps;
     if (lib == nil) {
         mf_error e = {MF_OK, ""};
         char *text = mf_metal_source(plan->source, &e);
@@ -125,13 +166,19 @@ static id<MTLComputePipelineState> pipeline_for(id<MTLDevice> dev, const mf_meta
         }
         NSString *src = [NSString stringWithUTF8String:text];
         free(text);
+        if (src == nil) {
+            snprintf(err, n, "%s is not valid UTF-8", plan->source);
+            return nil;
+        }
         NSError *error = nil;
         lib = [dev newLibraryWithSource:src options:compile_options(plan) error:&error];
         if (lib == nil) {
             set_err(err, n, [NSString stringWithFormat:@"compiling %s failed", plan->source], error);
             return nil;
         }
-        g_libraries[lib_key] = lib;
+        pthread_mutex_lock(&g_lock);
+        if (g_libraries[lib_key] == nil) g_libraries[lib_key] = lib;
+        pthread_mutex_unlock(&g_lock);
     }
     id<MTLFunction> fn = [lib newFunctionWithName:@(kernel)];
     if (fn == nil) {
@@ -144,7 +191,14 @@ static id<MTLComputePipelineState> pipeline_for(id<MTLDevice> dev, const mf_meta
         set_err(err, n, [NSString stringWithFormat:@"pipeline for %s failed", kernel], error);
         return nil;
     }
-    g_pipelines[pipe_key] = ps;
+    if (ps.threadExecutionWidth != 32) {
+        snprintf(err, n, "%s: the GPU's simdgroup width is %lu; the kernels need 32", kernel,
+                 (unsigned long)ps.threadExecutionWidth);
+        return nil;
+    }
+    pthread_mutex_lock(&g_lock);
+    if (g_pipelines[pipe_key] == nil) g_pipelines[pipe_key] = ps;
+    pthread_mutex_unlock(&g_lock);
     return ps;
 }
 
@@ -180,13 +234,13 @@ int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_
             dummy = [dev newBufferWithLength:64 options:MTLResourceStorageModePrivate];
             if (dummy != nil) g_dummies[dev_key] = dummy;
         }
+        pthread_mutex_unlock(&g_lock);
         int ok = queue != nil && dummy != nil;
         if (!ok) snprintf(err, err_len, "could not create a command queue or buffer on %s", dev.name.UTF8String);
         for (int i = 0; ok && i < plan->n_launches; i++) {
             ps[i] = pipeline_for(dev, plan, plan->launches[i].kernel, err, err_len);
             ok = ps[i] != nil;
         }
-        pthread_mutex_unlock(&g_lock);
         if (!ok) return -1;
 
         id<MTLBuffer> scratch = nil;
@@ -209,6 +263,7 @@ int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_
         }
         for (int i = 0; i < plan->n_launches; i++) {
             const mf_metal_launch *l = &plan->launches[i];
+            if (l->grid[0] == 0 || l->grid[1] == 0 || l->grid[2] == 0) continue; /* nothing to do */
             NSUInteger threads = (NSUInteger)l->threadgroup[0] * l->threadgroup[1] * l->threadgroup[2];
             if (threads > ps[i].maxTotalThreadsPerThreadgroup) {
                 [enc endEncoding];
@@ -235,7 +290,8 @@ int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_
         [cb commit];
         [cb waitUntilCompleted];
         if (cb.status != MTLCommandBufferStatusCompleted) {
-            set_err(err, err_len, @"the Metal command buffer failed", cb.error);
+            set_err(err, err_len, [NSString stringWithFormat:@"the Metal command buffer failed (status %ld)",
+                                                             (long)cb.status], cb.error);
             return -1;
         }
         return 0;

@@ -6,7 +6,7 @@
  *   -----------+------------------------------------------------------------------------------
  *   tensorops  | never yet (not implemented)
  *   simdgroup  | Apple7+ (every M-series GPU); head dims <= 256
- *   vec        | any Apple GPU; head dims <= 256
+ *   vec        | Apple7+ (32-wide simdgroups, simd_sum); head dims <= 256
  *   (all)      | bfloat16 inputs need Metal 3.1 (macOS 14)
  *
  * Automatic choice (mf_metal_choose): decode shapes (at most MF_DECODE_ROWS query rows per
@@ -48,6 +48,11 @@ int mf_metal_tier_serves(mf_tier tier, const mf_problem *pb, const mf_metal_caps
     }
     switch (tier) {
     case MF_TIER_VEC:
+        if (caps->apple_family < 7) { /* simd_sum over 32-wide simdgroups */
+            snprintf(reason, n, "the Metal kernels need an Apple7+ GPU (M1 or newer), this one is Apple%d",
+                     caps->apple_family);
+            return 0;
+        }
         if (pb->p.head_dim > 256 || pb->p.head_dim_v > 256) {
             snprintf(reason, n, "head dims above 256");
             return 0;
@@ -119,6 +124,8 @@ int mf_metal_plan_make(const mf_problem *pb, mf_tier tier, const mf_metal_caps *
     if (!mf_metal_tier_serves(tier, pb, caps, reason, sizeof reason))
         return mf_fail(err, MF_ERR_RUNTIME, "[%s] the %s tier cannot run this call: %s", pb->fn,
                        mf_tier_name(tier), reason);
+    if ((uint64_t)pb->p.heads_q * (uint64_t)pb->p.seqlen_q * 32u >= (1ull << 32))
+        return mf_fail(err, MF_ERR_RUNTIME, "[%s] the grid of heads x rows is too large for one Metal launch", pb->fn);
     plan->tier = tier;
     plan->params = pb->p;
     mf_params *p = &plan->params;

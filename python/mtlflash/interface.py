@@ -139,19 +139,33 @@ def _prepare_mps(fn):
         torch.mps.synchronize()
 
 
+def _device_offsets(cu, q):
+    """cu_seqlens as the Metal kernels read them: contiguous int32 on q's device (validated on the
+    CPU copy; a wrong dtype is reported there)."""
+    if cu is None or not _is_torch(cu):
+        return cu
+    import torch
+
+    if cu.dtype == torch.int32:
+        return cu.to(q.device).contiguous()
+    return cu
+
+
 def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, softcap, alibi, want_lse):
     mps = _is_torch(q) and q.device.type == "mps"
     if mps:
         _prepare_mps(fn)
     args = (fn, q, k, v, _cpu_offsets(cu_q), _cpu_offsets(cu_k), max_q, max_k, softmax_scale, causal,
             window[0], window[1], softcap, alibi, want_lse)
-    device_offsets = {"cu_seqlens_q_device": cu_q if mps else None, "cu_seqlens_k_device": cu_k if mps else None}
+    device_offsets = {"cu_seqlens_q_device": _device_offsets(cu_q, q) if mps else None,
+                      "cu_seqlens_k_device": _device_offsets(cu_k, q) if mps else None}
     try:
         out, lse, tier, stream_plan = _C.forward(*args, **device_offsets)
         if stream_plan is not None:
             from . import metal_stream
 
-            metal_stream.run(stream_plan, {0: q, 1: k, 2: v, 3: out, 4: lse, 5: cu_q, 6: cu_k, 7: alibi})
+            metal_stream.run(stream_plan, {0: q, 1: k, 2: v, 3: out, 4: lse, 5: device_offsets["cu_seqlens_q_device"],
+                                           6: device_offsets["cu_seqlens_k_device"], 7: alibi})
     except RuntimeError as e:
         # The Metal kernels await their first runs on many machines: under the automatic choice a
         # failed Metal launch turns Metal off for the process (with a warning) and the call runs
