@@ -1,16 +1,40 @@
 /* attn.c - FlashAttention-2's forward pass on the CPU.
  *
- * Work item = (sequence b, query head h, block of BM query rows). For each item:
- *   pack Q once (fp32, scale folded in; scale*log2(e) when no softcap/ALiBi so exp2 applies
- *   directly), then for each tile of BN keys that the causal/window mask leaves visible:
- *     S = Q K^T (micro-kernel on K packed transposed), softcap / ALiBi / mask on S,
- *     online softmax (row max, rescale O only when the max grows, P = exp2(S - max), row sum),
- *     O += P V (same micro-kernel on V packed row-major).
+ * Work item = (sequence b, kv head, a chunk of the query heads that share it, a block of query
+ * rows). Its "columns" are the (query head, query row) pairs it owns: with grouped-query
+ * attention the heads of one group are stacked, so each K/V tile is read and converted once for
+ * all of them (decode: one query row, `group` heads). For each item:
+ *   pack Q^T once (fp32, columns padded to MF_CW, scale folded in; scale*log2(e) when there is
+ *   no softcap/ALiBi so exp2 applies directly); then for each tile of keys that the causal /
+ *   window mask leaves visible:
+ *     S^T = K Q^T with the register-blocked micro-kernel (K tile fp32, row-major); softcap /
+ *     ALiBi, and the mask only on tiles that cross a mask boundary;
+ *     one online-softmax step vectorised across columns (new max, rescale O only where the max
+ *     grew, P = exp2(S - max), column sums);
+ *     O += P V with the same micro-kernel.
  *   out = O / sum, lse = max*ln2 + ln(sum); a row that sees no key gets 0 and +inf.
- * Extra memory is one workspace per thread (a few tiles). Every output row is computed by one
- * thread in a fixed order, so results do not depend on the number of threads. */
+ *
+ * Where K/V come from:
+ *   - shared packing (prefill: several items per kv head): the K and V of one (sequence, kv head)
+ *     are converted to fp32 once, in parallel, into a buffer that all its items then read; heads
+ *     are processed one after the other, so the buffer holds one head (<= MF_PACK_MAX_BYTES);
+ *   - otherwise every item packs its own tiles, prefetching the next one;
+ *   - few columns (decode): S^T by dot products along d and O += P V with V read in place, so
+ *     K and V are never copied.
+ *
+ * Split-KV (few items, long keys, e.g. decode): each item's key range is cut into a number of
+ * splits that depends only on the problem's shape, never on the thread count; a task runs one
+ * split of every item of a sequence (the kv heads' rows at the same keys are neighbours in
+ * memory), writes (O, max, sum) per item to a scratch buffer, and a second pass merges the
+ * splits in index order.
+ *
+ * Every output row is computed by one fixed sequence of operations, so results are bitwise the
+ * same for any number of threads. Extra memory: one workspace per thread (a few tiles), the
+ * shared packing buffer of one kv head (at most 48 MiB, else per-item packing), and for
+ * split-KV the partials (a few KiB per item and split). */
 #include "cpu/cpu.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,23 +42,53 @@
 #include "cpu/kernels.h"
 #include "cpu/pool.h"
 
-#define MF_BM 48 /* query rows per item (a multiple of the micro-kernel's 6) */
-#define MF_BN 64 /* keys per tile (a multiple of MF_NR) */
+#ifndef MF_BC
+#define MF_BC 48   /* columns (query rows x stacked heads) per item */
+#endif
+#ifndef MF_BN
+#define MF_BN 96   /* keys per tile (a multiple of the micro-kernel's 6 rows) */
+#endif
+#ifndef MF_PREFETCH_TILES
+#define MF_PREFETCH_TILES 1 /* how far ahead the K/V rows of an item are prefetched */
+#endif
+#define MF_SPLIT_ITEMS 16   /* split the keys only when there are fewer items than this */
+#define MF_SPLIT_KEYS 1024  /* ... into splits of about this many keys */
+#define MF_MAX_SPLITS 64
 
 #define LN2 0.69314718055994531f
-#define LOG2E 1.4426950408889634f
 
 typedef struct job {
     const mf_problem *pb;
     const mf_cpu_kernels *kern;
     int64_t *item_start; /* per sequence: first item index; [batch] = total items */
-    int64_t *n_blocks;   /* per sequence: query blocks */
+    int64_t *n_blocks;   /* per sequence: query row blocks */
     size_t esize;        /* element size of q/k/v/out */
-    int bnp;             /* keys per tile, padded */
-    int dvp;             /* Dv padded to MF_NR */
+    int gh;              /* query heads per item (<= group) */
+    int n_hc;            /* head chunks per kv head: ceil(group / gh) */
+    int rows;            /* query rows per item */
+    int cp;              /* columns per item, padded to MF_CW */
+    int bn;              /* keys per tile */
+    int dvp;             /* Dv padded to MF_CW */
+    int splits;          /* key splits per item (1 = none) */
     size_t ws_floats;    /* per-worker workspace */
     float *ws;
+    size_t part_floats;  /* per (item, split) partial when splits > 1 */
+    float *part;
+    /* shared packing: K [sk x D] and V [sk x dvp] of one (sequence, kv head) in fp32, packed
+     * once and read by all of its items; NULL when every item packs its own tiles */
+    float *pk, *pv;
+    int pack_b, pack_hk;
+    int64_t item_base;   /* added to the pool's item index */
 } job;
+
+#define MF_PACK_ROWS 256 /* keys per packing task */
+#define MF_PACK_MAX_BYTES ((size_t)48 << 20)
+
+/* what one item covers */
+typedef struct item_desc {
+    int b, h0, nh, m, cols;
+    int64_t i0, start_q, sq, start_k, sk;
+} item_desc;
 
 static size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
@@ -48,125 +102,345 @@ static int find_seq(const job *jb, int64_t item) {
     return lo;
 }
 
-static void run_item(void *ctx, int64_t item, int worker) {
+static void describe(const job *jb, int64_t item, item_desc *it) {
+    const mf_params *p = &jb->pb->p;
+    const int b = find_seq(jb, item);
+    const int64_t rem = item - jb->item_start[b];
+    const int64_t nblk = jb->n_blocks[b];
+    const int64_t hc_all = rem / nblk; /* kv head * n_hc + head chunk */
+    const int64_t blk = nblk - 1 - rem % nblk; /* longest (causal) blocks first */
+    const int hk = (int)(hc_all / jb->n_hc), hc = (int)(hc_all % jb->n_hc);
+    it->b = b;
+    it->h0 = hk * p->group + hc * jb->gh;
+    it->nh = p->group - hc * jb->gh < jb->gh ? p->group - hc * jb->gh : jb->gh;
+    mf_problem_seq(jb->pb, b, &it->start_q, &it->sq, &it->start_k, &it->sk);
+    it->i0 = blk * jb->rows;
+    it->m = (int)(it->sq - it->i0 < jb->rows ? it->sq - it->i0 : jb->rows);
+    it->cols = it->nh * it->m;
+}
+
+/* Per-worker workspace: the tile buffers (K, V, S, a row), then `slots` item states (Q^T, O and
+ * the per-column vectors). Split-KV tasks keep the states of all items of a sequence at once. */
+typedef struct wspace {
+    float *K, *V, *S, *row;                                  /* shared by the worker's items */
+    float *QT, *O, *mx, *sum, *alpha, *slope;                /* one item */
+    int32_t *lo, *hi, *pos;
+} wspace;
+
+static size_t tile_floats(const mf_params *p, int cp, int bn, int dvp) {
+    const size_t D = (size_t)p->head_dim;
+    return round_up((size_t)bn * D, 16) + round_up((size_t)bn * dvp, 16) + round_up((size_t)bn * cp, 16) +
+           round_up((size_t)(D > (size_t)dvp ? D : (size_t)dvp), 16);
+}
+
+static size_t state_floats(const mf_params *p, int cp, int dvp) {
+    return round_up((size_t)p->head_dim * cp, 16) + round_up((size_t)cp * dvp, 16) + round_up(7 * (size_t)cp, 16);
+}
+
+static void carve(const job *jb, int worker, int slot, wspace *w) {
+    const mf_params *p = &jb->pb->p;
+    const size_t cp = (size_t)jb->cp, D = (size_t)p->head_dim, dvp = (size_t)jb->dvp, bn = (size_t)jb->bn;
+    float *f = jb->ws + (size_t)worker * jb->ws_floats;
+    w->K = f; f += round_up(bn * D, 16);
+    w->V = f; f += round_up(bn * dvp, 16);
+    w->S = f; f += round_up(bn * cp, 16);
+    w->row = f;
+    f = jb->ws + (size_t)worker * jb->ws_floats + tile_floats(p, jb->cp, jb->bn, jb->dvp) +
+        (size_t)slot * state_floats(p, jb->cp, jb->dvp);
+    w->QT = f; f += round_up(D * cp, 16);
+    w->O = f; f += round_up(cp * dvp, 16);
+    w->mx = f; f += cp;
+    w->sum = f; f += cp;
+    w->alpha = f; f += cp;
+    w->slope = f; f += cp;
+    w->lo = (int32_t *)f; f += cp;
+    w->hi = (int32_t *)f; f += cp;
+    w->pos = (int32_t *)f;
+}
+
+/* rows [j0, j1] of a K or V head, each `bytes` long */
+static void prefetch_rows(const char *base, int64_t stride, int64_t bytes, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j <= j1; j++) {
+        const char *row = base + j * stride;
+        for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o, 0, 2);
+        __builtin_prefetch(row + bytes - 1, 0, 2);
+    }
+}
+
+/* one (item, split) in progress */
+typedef struct ustate {
+    int64_t unit;
+    item_desc it;
+    wspace w;
+    int64_t ks, ke, maxlo, minhi; /* keys of this unit; mask bounds over the item's columns */
+    const char *kbase, *vbase;
+} ustate;
+
+static void unit_init(const job *jb, int64_t unit, int worker, int slot, ustate *u) {
+    const mf_problem *pb = jb->pb;
+    const mf_params *p = &pb->p;
+    const mf_cpu_kernels *kn = jb->kern;
+    const int64_t es = (int64_t)jb->esize;
+    const int D = p->head_dim, Dv = p->head_dim_v, dvp = jb->dvp, cp = jb->cp;
+    const int64_t item = unit / jb->splits;
+    const int split = (int)(unit % jb->splits);
+    item_desc *it = &u->it;
+    wspace *w = &u->w;
+    u->unit = unit;
+    describe(jb, item, it);
+    carve(jb, worker, slot, w);
+    const int cols = it->cols, m = it->m;
+    const int64_t off = it->sk - it->sq;
+
+    /* Q^T [D x cp], padding columns zero */
+    const int post = (p->flags & (MF_FLAG_SOFTCAP | MF_FLAG_ALIBI)) != 0;
+    const float qscale = post ? p->scale : p->scale_log2;
+    memset(w->QT, 0, sizeof(float) * (size_t)D * cp);
+    int64_t kmin = INT64_MAX, kmax = -1, maxlo = -1, minhi = INT64_MAX;
+    for (int c = 0; c < cols; c++) {
+        const int h = it->h0 + c / m;
+        const int64_t i = it->i0 + c % m;
+        const char *qrow = (const char *)pb->q +
+                           (it->b * p->q_stride_b + (it->start_q + i) * p->q_stride_s + (int64_t)h * p->q_stride_h) * es;
+        if (cp == MF_CW) { /* few columns: Q stays row-major for dot_qk */
+            kn->load(w->QT + (size_t)c * D, qrow, D, pb->dtype, qscale);
+        } else {
+            kn->load(w->row, qrow, D, pb->dtype, qscale);
+            for (int d = 0; d < D; d++) w->QT[(size_t)d * cp + c] = w->row[d];
+        }
+        int64_t l = 0, hi = it->sk - 1;
+        if (p->window_left >= 0 && i + off - p->window_left > l) l = i + off - p->window_left;
+        if (p->window_right >= 0 && i + off + p->window_right < hi) hi = i + off + p->window_right;
+        if (l > it->sk) l = it->sk;
+        if (hi < -1) hi = -1;
+        w->lo[c] = (int32_t)l;
+        w->hi[c] = (int32_t)hi;
+        w->pos[c] = (int32_t)(i + off);
+        w->slope[c] = (p->flags & MF_FLAG_ALIBI) ? pb->alibi[it->b * p->alibi_stride_b + h] : 0.0f;
+        w->mx[c] = -INFINITY;
+        w->sum[c] = 0.0f;
+        if (l <= hi) {
+            if (l < kmin) kmin = l;
+            if (hi > kmax) kmax = hi;
+        }
+        if (l > maxlo) maxlo = l;
+        if (hi < minhi) minhi = hi;
+    }
+    for (int c = cols; c < cp; c++) { /* padding columns see nothing */
+        w->lo[c] = INT32_MAX;
+        w->hi[c] = -1;
+        w->pos[c] = 0;
+        w->slope[c] = 0.0f;
+        w->mx[c] = -INFINITY;
+        w->sum[c] = 0.0f;
+    }
+    memset(w->O, 0, sizeof(float) * (size_t)cols * dvp);
+    u->maxlo = maxlo;
+    u->minhi = minhi;
+
+    /* this unit's keys */
+    u->ks = kmin;
+    u->ke = kmax;
+    if (jb->splits > 1 && kmin <= kmax) {
+        const int64_t len = kmax - kmin + 1, ss = (len + jb->splits - 1) / jb->splits;
+        u->ks = kmin + split * ss;
+        u->ke = u->ks + ss - 1 < kmax ? u->ks + ss - 1 : kmax;
+    }
+    const int hk = it->h0 / p->group;
+    u->kbase = (const char *)pb->k + (it->b * p->k_stride_b + it->start_k * p->k_stride_s + (int64_t)hk * p->k_stride_h) * es;
+    u->vbase = (const char *)pb->v + (it->b * p->v_stride_b + it->start_k * p->v_stride_s + (int64_t)hk * p->v_stride_h) * es;
+    if (u->ks <= u->ke && jb->pk == NULL) {
+        const int64_t last = u->ke < u->ks + jb->bn - 1 ? u->ke : u->ks + jb->bn - 1;
+        prefetch_rows(u->kbase, p->k_stride_s * es, D * es, u->ks, last);
+        prefetch_rows(u->vbase, p->v_stride_s * es, Dv * es, u->ks, last);
+    }
+}
+
+/* the tile of keys starting at j0 (ks <= j0 <= ke) */
+static void unit_tile(const job *jb, ustate *u, int64_t j0) {
+    const mf_problem *pb = jb->pb;
+    const mf_params *p = &pb->p;
+    const mf_cpu_kernels *kn = jb->kern;
+    const int64_t es = (int64_t)jb->esize;
+    const int D = p->head_dim, Dv = p->head_dim_v, dvp = jb->dvp, cp = jb->cp, cols = u->it.cols;
+    wspace *w = &u->w;
+    const int post = (p->flags & (MF_FLAG_SOFTCAP | MF_FLAG_ALIBI)) != 0;
+    const int n = (int)(u->ke - j0 + 1 < jb->bn ? u->ke - j0 + 1 : jb->bn);
+    const float *Kt = w->K, *Vt = w->V;
+    if (jb->pk != NULL) { /* shared packing */
+        Kt = jb->pk + j0 * D;
+        Vt = jb->pv + j0 * dvp;
+    } else {
+        /* the next tile streams in from memory while this one is computed */
+        const int64_t jn = j0 + MF_PREFETCH_TILES * jb->bn, jn_end = u->ke < jn + jb->bn - 1 ? u->ke : jn + jb->bn - 1;
+        prefetch_rows(u->kbase, p->k_stride_s * es, D * es, jn, jn_end);
+        prefetch_rows(u->vbase, p->v_stride_s * es, Dv * es, jn, jn_end);
+        if (cp != MF_CW) kn->pack(w->K, D, u->kbase + j0 * p->k_stride_s * es, p->k_stride_s * es, n, D, pb->dtype);
+    }
+    if (cp == MF_CW && jb->pk == NULL) /* few columns (decode): dot products along d, K read in place */
+        kn->dot_qk(w->S, cp, u->kbase + j0 * p->k_stride_s * es, p->k_stride_s * es, n, D, pb->dtype, w->QT, cols);
+    else if (cp == MF_CW)
+        kn->dot_qk(w->S, cp, Kt, (int64_t)D * sizeof(float), n, D, MF_F32, w->QT, cols);
+    else
+        kn->gemm(n, cp, D, Kt, D, 1, w->QT, cp, w->S, cp, 0);
+    if (post)
+        kn->post(w->S, n, cp, cp, (int32_t)j0, w->pos, (p->flags & MF_FLAG_ALIBI) ? w->slope : NULL,
+                 (p->flags & MF_FLAG_SOFTCAP) ? p->softcap : 0.0f);
+    if (j0 < u->maxlo || j0 + n - 1 > u->minhi) kn->mask(w->S, n, cp, cp, (int32_t)j0, w->lo, w->hi);
+    kn->softmax(w->S, n, cp, cp, w->mx, w->sum, w->alpha);
+    for (int c = 0; c < cols; c++)
+        if (w->alpha[c] != 1.0f) kn->scale(w->O + (size_t)c * dvp, dvp, w->alpha[c]);
+    if (jb->pk == NULL && cp == MF_CW && Dv % 16 == 0) { /* decode: V read in place */
+        const char *vt = u->vbase + j0 * p->v_stride_s * es;
+        if (pb->dtype == MF_F32)
+            kn->gemm(cols, dvp, n, w->S, 1, cp, (const float *)vt, p->v_stride_s, w->O, dvp, 1);
+        else
+            kn->gemm_half(cols, dvp, n, w->S, 1, cp, (const uint16_t *)vt, p->v_stride_s, pb->dtype, w->O, dvp);
+        return;
+    }
+    if (jb->pk == NULL) {
+        kn->pack(w->V, dvp, u->vbase + j0 * p->v_stride_s * es, p->v_stride_s * es, n, Dv, pb->dtype);
+        if (dvp > Dv)
+            for (int r = 0; r < n; r++) memset(w->V + (size_t)r * dvp + Dv, 0, sizeof(float) * (dvp - Dv));
+    }
+    kn->gemm(cols, dvp, n, w->S, 1, cp, Vt, dvp, w->O, dvp, 1);
+}
+
+static void unit_finish(const job *jb, ustate *u) {
+    const mf_problem *pb = jb->pb;
+    const mf_params *p = &pb->p;
+    const mf_cpu_kernels *kn = jb->kern;
+    const int64_t es = (int64_t)jb->esize;
+    const int Dv = p->head_dim_v, dvp = jb->dvp, cp = jb->cp;
+    const item_desc *it = &u->it;
+    const wspace *w = &u->w;
+    if (jb->splits > 1) { /* partial: O [cols x dvp], max [cp], sum [cp] */
+        float *part = jb->part + (size_t)u->unit * jb->part_floats;
+        memcpy(part, w->O, sizeof(float) * (size_t)it->cols * dvp);
+        memcpy(part + (size_t)cp * dvp, w->mx, sizeof(float) * cp);
+        memcpy(part + (size_t)cp * dvp + cp, w->sum, sizeof(float) * cp);
+        return;
+    }
+    float *lse = pb->lse ? pb->lse + it->b * p->lse_stride_b + it->start_q + it->i0 : NULL;
+    for (int c = 0; c < it->cols; c++) {
+        const int h = it->h0 + c / it->m;
+        const int64_t i = it->i0 + c % it->m;
+        char *orow = (char *)pb->o + (it->b * p->o_stride_b + (it->start_q + i) * p->o_stride_s +
+                                      (int64_t)h * p->o_stride_h) * es;
+        float *lrow = lse ? lse + (int64_t)h * p->lse_stride_h + c % it->m : NULL;
+        float *o = w->O + (size_t)c * dvp;
+        if (w->sum[c] == 0.0f) { /* the row sees no key */
+            memset(o, 0, sizeof(float) * Dv);
+            kn->store(orow, o, Dv, pb->dtype, 1.0f);
+            if (lrow) *lrow = INFINITY;
+            continue;
+        }
+        kn->store(orow, o, Dv, pb->dtype, 1.0f / w->sum[c]);
+        if (lrow) *lrow = w->mx[c] * LN2 + logf(w->sum[c]);
+    }
+}
+
+static void run_unit(void *ctx, int64_t unit, int worker) {
+    const job *jb = (const job *)ctx;
+    ustate u;
+    unit_init(jb, unit + jb->item_base, worker, 0, &u);
+    for (int64_t j0 = u.ks; j0 <= u.ke; j0 += jb->bn) unit_tile(jb, &u, j0);
+    unit_finish(jb, &u);
+}
+
+/* split-KV task: split (task % splits) of every item of sequence (task / splits). The items
+ * (kv heads) advance tile by tile together, so the rows of all heads at the same keys, which are
+ * neighbours in memory, are read at the same time. Each item still sees its own tiles in order,
+ * so its result is the same as when it runs alone. */
+static void run_split(void *ctx, int64_t task, int worker) {
+    const job *jb = (const job *)ctx;
+    const int b = (int)(task / jb->splits), s = (int)(task % jb->splits);
+    const int64_t first = jb->item_start[b];
+    const int n_items = (int)(jb->item_start[b + 1] - first);
+    ustate u[MF_SPLIT_ITEMS];
+    for (int i = 0; i < n_items; i++) unit_init(jb, (first + i) * jb->splits + s, worker, i, &u[i]);
+    for (int64_t t = 0;; t++) {
+        int any = 0;
+        for (int i = 0; i < n_items; i++) {
+            const int64_t j0 = u[i].ks + t * jb->bn;
+            if (j0 > u[i].ke) continue;
+            unit_tile(jb, &u[i], j0);
+            any = 1;
+        }
+        if (!any) break;
+    }
+    for (int i = 0; i < n_items; i++) unit_finish(jb, &u[i]);
+}
+
+/* shared packing task: keys [t*MF_PACK_ROWS, ...) of (pack_b, pack_hk) */
+static void pack_task(void *ctx, int64_t t, int worker) {
+    (void)worker;
+    const job *jb = (const job *)ctx;
+    const mf_problem *pb = jb->pb;
+    const mf_params *p = &pb->p;
+    const int64_t es = (int64_t)jb->esize;
+    const int D = p->head_dim, Dv = p->head_dim_v, dvp = jb->dvp;
+    int64_t sq0, sq, sk0, sk;
+    mf_problem_seq(pb, jb->pack_b, &sq0, &sq, &sk0, &sk);
+    const int64_t r0 = t * MF_PACK_ROWS;
+    const int rows = (int)(sk - r0 < MF_PACK_ROWS ? sk - r0 : MF_PACK_ROWS);
+    const char *k = (const char *)pb->k +
+                    (jb->pack_b * p->k_stride_b + (sk0 + r0) * p->k_stride_s + (int64_t)jb->pack_hk * p->k_stride_h) * es;
+    const char *v = (const char *)pb->v +
+                    (jb->pack_b * p->v_stride_b + (sk0 + r0) * p->v_stride_s + (int64_t)jb->pack_hk * p->v_stride_h) * es;
+    jb->kern->pack(jb->pk + r0 * D, D, k, p->k_stride_s * es, rows, D, pb->dtype);
+    jb->kern->pack(jb->pv + r0 * dvp, dvp, v, p->v_stride_s * es, rows, Dv, pb->dtype);
+    if (dvp > Dv)
+        for (int r = 0; r < rows; r++) memset(jb->pv + (r0 + r) * dvp + Dv, 0, sizeof(float) * (dvp - Dv));
+}
+
+/* merges the splits of one item in split order */
+static void merge_item(void *ctx, int64_t item, int worker) {
     const job *jb = (const job *)ctx;
     const mf_problem *pb = jb->pb;
     const mf_params *p = &pb->p;
     const mf_cpu_kernels *kn = jb->kern;
-    const size_t es = jb->esize;
-    const int D = p->head_dim, Dv = p->head_dim_v, bnp = jb->bnp, dvp = jb->dvp;
-
-    const int b = find_seq(jb, item);
-    int64_t rem = item - jb->item_start[b];
-    const int64_t nblk = jb->n_blocks[b];
-    const int h = (int)(rem / nblk);
-    const int64_t blk = nblk - 1 - rem % nblk; /* longest (causal) blocks first */
-    int64_t start_q, sq, start_k, sk;
-    mf_problem_seq(pb, b, &start_q, &sq, &start_k, &sk);
-    const int64_t i0 = blk * MF_BM;
-    const int m = (int)(sq - i0 < MF_BM ? sq - i0 : MF_BM);
-    const int64_t off = sk - sq;
-    const int hk = h / p->group;
-
-    /* workspace */
-    float *Q = jb->ws + (size_t)worker * jb->ws_floats;
-    float *Kt = Q + round_up((size_t)MF_BM * D, 16);
-    float *V = Kt + round_up((size_t)D * bnp, 16);
-    float *S = V + (size_t)bnp * dvp;
-    float *O = S + (size_t)MF_BM * bnp;
-    float *mx = O + (size_t)MF_BM * dvp;
-    float *sum = mx + MF_BM;
-    float *row = sum + MF_BM;
-    int64_t lo[MF_BM], hi[MF_BM];
-
-    const int post = (p->flags & (MF_FLAG_SOFTCAP | MF_FLAG_ALIBI)) != 0;
-    const float qscale = post ? p->scale : p->scale_log2;
-    const char *qb = (const char *)pb->q + (b * p->q_stride_b + (start_q + i0) * p->q_stride_s +
-                                            (int64_t)h * p->q_stride_h) * (int64_t)es;
-    for (int r = 0; r < m; r++) kn->load(Q + (size_t)r * D, qb + r * p->q_stride_s * (int64_t)es, D, pb->dtype, qscale);
-
-    for (int r = 0; r < m; r++) {
-        int64_t i = i0 + r, l = 0, u = sk - 1;
-        if (p->window_left >= 0 && i + off - p->window_left > l) l = i + off - p->window_left;
-        if (p->window_right >= 0 && i + off + p->window_right < u) u = i + off + p->window_right;
-        lo[r] = l;
-        hi[r] = u;
-        mx[r] = -INFINITY;
-        sum[r] = 0.0f;
-    }
-    memset(O, 0, sizeof(float) * (size_t)m * dvp);
-    memset(V, 0, sizeof(float) * (size_t)bnp * dvp);
-    /* Both bounds grow with the row, so the block's visible keys are [lo[0], hi[m-1]]. */
-    const int64_t kmin = lo[0], kmax = hi[m - 1];
-    const float slope = (p->flags & MF_FLAG_ALIBI) ? pb->alibi[b * p->alibi_stride_b + h] : 0.0f;
-    const char *kbase = (const char *)pb->k + (b * p->k_stride_b + start_k * p->k_stride_s +
-                                               (int64_t)hk * p->k_stride_h) * (int64_t)es;
-    const char *vbase = (const char *)pb->v + (b * p->v_stride_b + start_k * p->v_stride_s +
-                                               (int64_t)hk * p->v_stride_h) * (int64_t)es;
-
-    for (int64_t j0 = kmin; j0 <= kmax; j0 += bnp) {
-        const int n = (int)(kmax - j0 + 1 < bnp ? kmax - j0 + 1 : bnp);
-        /* K^T tile; columns past n are zero so S stays finite before masking */
-        for (int c = 0; c < n; c++) {
-            kn->load(row, kbase + (j0 + c) * p->k_stride_s * (int64_t)es, D, pb->dtype, 1.0f);
-            for (int d = 0; d < D; d++) Kt[(size_t)d * bnp + c] = row[d];
+    const int64_t es = (int64_t)jb->esize;
+    const int Dv = p->head_dim_v, dvp = jb->dvp, cp = jb->cp, S = jb->splits;
+    item_desc it;
+    describe(jb, item, &it);
+    wspace w;
+    carve(jb, worker, 0, &w);
+    const float *part0 = jb->part + (size_t)item * S * jb->part_floats;
+    float *lse = pb->lse ? pb->lse + it.b * p->lse_stride_b + it.start_q + it.i0 : NULL;
+    for (int c = 0; c < it.cols; c++) {
+        const int h = it.h0 + c / it.m;
+        const int64_t i = it.i0 + c % it.m;
+        char *orow = (char *)pb->o + (it.b * p->o_stride_b + (it.start_q + i) * p->o_stride_s +
+                                      (int64_t)h * p->o_stride_h) * es;
+        float *lrow = lse ? lse + (int64_t)h * p->lse_stride_h + c % it.m : NULL;
+        float M = -INFINITY;
+        for (int s = 0; s < S; s++) {
+            const float ms = part0[(size_t)s * jb->part_floats + (size_t)cp * dvp + c];
+            if (ms > M) M = ms;
         }
-        if (n < bnp)
-            for (int d = 0; d < D; d++) memset(Kt + (size_t)d * bnp + n, 0, sizeof(float) * (bnp - n));
-        kn->gemm(m, bnp, D, Q, D, Kt, bnp, S, bnp, 0);
-
-        for (int r = 0; r < m; r++) {
-            float *s = S + (size_t)r * bnp;
-            if (post) {
-                const int64_t i = i0 + r;
-                for (int c = 0; c < n; c++) {
-                    float x = s[c];
-                    if (p->flags & MF_FLAG_SOFTCAP) x = p->softcap * tanhf(x / p->softcap);
-                    if (p->flags & MF_FLAG_ALIBI) x -= slope * (float)llabs(i + off - (j0 + c));
-                    s[c] = x * LOG2E;
-                }
+        float *o = w.O;
+        memset(o, 0, sizeof(float) * dvp);
+        float sum = 0.0f;
+        if (M != -INFINITY) {
+            for (int s = 0; s < S; s++) {
+                const float *ps = part0 + (size_t)s * jb->part_floats;
+                const float ms = ps[(size_t)cp * dvp + c], ls = ps[(size_t)cp * dvp + cp + c];
+                if (ms == -INFINITY) continue; /* this split saw no key of the row */
+                const float wgt = exp2f(ms - M);
+                const float *os = ps + (size_t)c * dvp;
+                for (int d = 0; d < Dv; d++) o[d] += os[d] * wgt;
+                sum += ls * wgt;
             }
-            /* mask: visible columns are [lo - j0, hi - j0] within [0, n) */
-            int64_t a = lo[r] - j0, e = hi[r] - j0 + 1;
-            if (a < 0) a = 0;
-            if (e > n) e = n;
-            if (e <= a) a = e = 0;
-            for (int64_t c = 0; c < a; c++) s[c] = -INFINITY;
-            for (int64_t c = e; c < bnp; c++) s[c] = -INFINITY;
-
-            float m_new = kn->row_max(s, bnp);
-            if (m_new > mx[r] || m_new != m_new) { /* the max grew (or is NaN): rescale */
-                float alpha = exp2f(mx[r] - m_new);    /* 0 when nothing was visible before */
-                sum[r] *= alpha;
-                kn->scale(O + (size_t)r * dvp, dvp, alpha);
-                mx[r] = m_new;
-            }
-            if (mx[r] == -INFINITY) { /* nothing visible in this row yet */
-                memset(s, 0, sizeof(float) * bnp);
-                continue;
-            }
-            sum[r] += kn->exp2_sum(s, bnp, mx[r]);
         }
-        /* V tile; rows past n stay zero (P is zero there, and 0 * garbage could be NaN) */
-        for (int c = 0; c < n; c++)
-            kn->load(V + (size_t)c * dvp, vbase + (j0 + c) * p->v_stride_s * (int64_t)es, Dv, pb->dtype, 1.0f);
-        if (n < bnp) memset(V + (size_t)n * dvp, 0, sizeof(float) * (size_t)(bnp - n) * dvp);
-        kn->gemm(m, dvp, bnp, S, bnp, V, dvp, O, dvp, 1);
-    }
-
-    char *ob = (char *)pb->o + (b * p->o_stride_b + (start_q + i0) * p->o_stride_s +
-                                (int64_t)h * p->o_stride_h) * (int64_t)es;
-    float *lse = pb->lse ? pb->lse + b * p->lse_stride_b + (int64_t)h * p->lse_stride_h + start_q + i0 : NULL;
-    for (int r = 0; r < m; r++) {
-        char *orow = ob + r * p->o_stride_s * (int64_t)es;
-        if (sum[r] == 0.0f) { /* the row sees no key */
-            memset(O + (size_t)r * dvp, 0, sizeof(float) * Dv);
-            kn->store(orow, O + (size_t)r * dvp, Dv, pb->dtype, 1.0f);
-            if (lse) lse[r] = INFINITY;
+        if (sum == 0.0f) {
+            memset(o, 0, sizeof(float) * Dv);
+            kn->store(orow, o, Dv, pb->dtype, 1.0f);
+            if (lrow) *lrow = INFINITY;
             continue;
         }
-        kn->store(orow, O + (size_t)r * dvp, Dv, pb->dtype, 1.0f / sum[r]);
-        if (lse) lse[r] = mx[r] * LN2 + logf(sum[r]);
+        kn->store(orow, o, Dv, pb->dtype, 1.0f / sum);
+        if (lrow) *lrow = M * LN2 + logf(sum);
     }
 }
 
@@ -194,40 +468,99 @@ int mf_cpu_forward(const mf_problem *pb, int n_threads, mf_error *err) {
     if (p->flags & MF_FLAG_VARLEN) fill_tail(pb, jb.kern, jb.esize);
     if (p->batch == 0) return MF_OK;
 
-    jb.item_start = (int64_t *)malloc(sizeof(int64_t) * 2 * ((size_t)p->batch + 1));
-    if (jb.item_start == NULL) return mf_fail(err, MF_ERR_MEMORY, "[%s] out of memory", pb->fn);
-    jb.n_blocks = jb.item_start + p->batch + 1;
-    int64_t total = 0, max_sk = 0;
+    /* columns per item: all heads of a group (up to MF_BC) times as many rows as fit */
+    jb.gh = p->group < MF_BC ? p->group : MF_BC;
+    jb.n_hc = (p->group + jb.gh - 1) / jb.gh;
+    jb.rows = MF_BC / jb.gh;
+
+    int64_t small_buf[2 * 9];
+    int64_t *ibuf = small_buf;
+    if (p->batch > 8) {
+        ibuf = (int64_t *)malloc(sizeof(int64_t) * 2 * ((size_t)p->batch + 1));
+        if (ibuf == NULL) return mf_fail(err, MF_ERR_MEMORY, "[%s] out of memory", pb->fn);
+    }
+    jb.item_start = ibuf;
+    jb.n_blocks = ibuf + p->batch + 1;
+    int64_t total = 0, max_sk = 0, max_sq = 0;
     for (int b = 0; b < p->batch; b++) {
         int64_t sq0, sq, sk0, sk;
         mf_problem_seq(pb, b, &sq0, &sq, &sk0, &sk);
         jb.item_start[b] = total;
-        jb.n_blocks[b] = (sq + MF_BM - 1) / MF_BM;
-        total += jb.n_blocks[b] * p->heads_q;
+        jb.n_blocks[b] = (sq + jb.rows - 1) / jb.rows;
+        total += jb.n_blocks[b] * p->heads_k * jb.n_hc;
         if (sk > max_sk) max_sk = sk;
+        if (sq > max_sq) max_sq = sq;
     }
     jb.item_start[p->batch] = total;
-    if (total == 0) {
-        free(jb.item_start);
-        return MF_OK;
+    int rc = MF_OK;
+    if (total == 0) goto done;
+
+    {
+        int64_t cols = (int64_t)jb.gh * (max_sq < jb.rows ? max_sq : jb.rows);
+        jb.cp = (int)round_up((size_t)cols, MF_CW);
     }
-    jb.bnp = (int)round_up((size_t)(max_sk < MF_BN ? (max_sk > 0 ? max_sk : 1) : MF_BN), MF_NR);
-    jb.dvp = (int)round_up((size_t)p->head_dim_v, MF_NR);
-    const int D = p->head_dim;
-    jb.ws_floats = round_up((size_t)MF_BM * D, 16) + round_up((size_t)D * jb.bnp, 16) +
-                   (size_t)jb.bnp * jb.dvp + (size_t)MF_BM * jb.bnp + (size_t)MF_BM * jb.dvp +
-                   2 * MF_BM + round_up((size_t)(D > p->head_dim_v ? D : p->head_dim_v), 16);
-    jb.ws_floats = round_up(jb.ws_floats, 16); /* 64-byte aligned per worker */
-    if (n_threads > total) n_threads = (int)total;
-    jb.ws = (float *)aligned_alloc(64, sizeof(float) * jb.ws_floats * (size_t)n_threads);
+    jb.bn = (int)(max_sk < MF_BN ? (max_sk > 0 ? max_sk : 1) : MF_BN);
+    jb.dvp = (int)round_up((size_t)p->head_dim_v, MF_CW);
+    jb.splits = 1;
+    if (total < MF_SPLIT_ITEMS && max_sk >= 2 * MF_SPLIT_KEYS) {
+        const int64_t s = max_sk / MF_SPLIT_KEYS;
+        jb.splits = (int)(s > MF_MAX_SPLITS ? MF_MAX_SPLITS : s);
+    }
+    const int slots = jb.splits > 1 ? MF_SPLIT_ITEMS : 1; /* split-KV: total < MF_SPLIT_ITEMS items */
+    jb.ws_floats = round_up(tile_floats(p, jb.cp, jb.bn, jb.dvp) + (size_t)slots * state_floats(p, jb.cp, jb.dvp), 16);
+    const int64_t units = total * jb.splits;
+    int nt = n_threads > units ? (int)units : n_threads;
+    jb.ws = (float *)aligned_alloc(64, sizeof(float) * jb.ws_floats * (size_t)nt);
     if (jb.ws == NULL) {
-        free(jb.item_start);
-        return mf_fail(err, MF_ERR_MEMORY, "[%s] out of memory for the CPU workspace", pb->fn);
+        rc = mf_fail(err, MF_ERR_MEMORY, "[%s] out of memory for the CPU workspace", pb->fn);
+        goto done;
     }
-    mf_pool_run(n_threads, total, run_item, &jb);
+    if (jb.splits > 1) {
+        jb.part_floats = round_up((size_t)jb.cp * jb.dvp + 2 * (size_t)jb.cp, 16);
+        jb.part = (float *)aligned_alloc(64, sizeof(float) * jb.part_floats * (size_t)units);
+        if (jb.part == NULL) {
+            free(jb.ws);
+            rc = mf_fail(err, MF_ERR_MEMORY, "[%s] out of memory for the split-KV partials", pb->fn);
+            goto done;
+        }
+    }
+    /* Shared packing pays when a (sequence, kv head) has several items to read the keys. */
+    const size_t pack_bytes = sizeof(float) * (size_t)max_sk * ((size_t)p->head_dim + jb.dvp);
+    const int64_t per_head = (int64_t)jb.n_hc * ((max_sq + jb.rows - 1) / jb.rows);
+    if (jb.splits == 1 && per_head >= 2 && pack_bytes <= MF_PACK_MAX_BYTES)
+        jb.pk = (float *)aligned_alloc(64, round_up(pack_bytes, 64));
+    if (jb.pk != NULL) {
+        jb.pv = jb.pk + (size_t)max_sk * p->head_dim;
+        for (int b = 0; b < p->batch; b++) {
+            int64_t sq0, sq, sk0, sk;
+            mf_problem_seq(pb, b, &sq0, &sq, &sk0, &sk);
+            const int64_t n_items = jb.n_blocks[b] * jb.n_hc;
+            if (n_items == 0) continue;
+            for (int hk = 0; hk < p->heads_k; hk++) {
+                jb.pack_b = b;
+                jb.pack_hk = hk;
+                const int64_t tasks = (sk + MF_PACK_ROWS - 1) / MF_PACK_ROWS;
+                if (tasks > 0) mf_pool_run(nt, tasks, pack_task, &jb);
+                jb.item_base = jb.item_start[b] + hk * n_items;
+                mf_pool_run(nt, n_items, run_unit, &jb);
+            }
+        }
+        free(jb.pk);
+    } else if (jb.splits > 1) {
+        /* one task = one key split of every item of a sequence: the items (kv heads) read the
+         * same pages one after the other, so each page is mapped once and read from memory once */
+        mf_pool_run(nt, (int64_t)p->batch * jb.splits, run_split, &jb);
+    } else {
+        mf_pool_run(nt, units, run_unit, &jb);
+    }
+    if (jb.splits > 1) {
+        mf_pool_run(nt, total, merge_item, &jb);
+        free(jb.part);
+    }
     free(jb.ws);
-    free(jb.item_start);
-    return MF_OK;
+done:
+    if (ibuf != small_buf) free(ibuf);
+    return rc;
 }
 
 const char *mf_cpu_simd_path(void) { return mf_cpu_kernels_get()->name; }
