@@ -202,6 +202,20 @@ done:
     return rc;
 }
 
+/* The CPU kernels read elements through typed pointers, so CPU data must be aligned to its element
+ * size (an array viewed at an odd byte offset of a buffer, torch.frombuffer(..., offset=1), ...). */
+static int check_aligned(const mf_tensor *t, const char *fn, const char *arg, mf_error *err) {
+    size_t es = mf_dtype_size(t->dtype);
+    if (t->device != MF_DEV_CPU || t->data == NULL || es < 2) return MF_OK;
+    for (int i = 0; i < t->ndim; i++)
+        if (t->shape[i] == 0) return MF_OK; /* no element is ever read */
+    if ((uintptr_t)t->data % es != 0)
+        return mf_fail(err, MF_ERR_VALUE,
+                       "[%s] %s: data is not aligned to its %zu-byte elements (address %p); pass an "
+                       "aligned copy", fn, arg, es, t->data);
+    return MF_OK;
+}
+
 int mf_tensor_view(PyObject *obj, const char *fn, const char *arg, int allow_none, mf_tensor *t,
                    mf_error *err) {
     memset(t, 0, sizeof *t);
@@ -211,7 +225,10 @@ int mf_tensor_view(PyObject *obj, const char *fn, const char *arg, int allow_non
                        fn, arg);
     }
     t->present = 1;
-    if (PyArray_Check(obj)) return view_numpy((PyArrayObject *)obj, fn, arg, t, err);
+    if (PyArray_Check(obj)) {
+        int rc = view_numpy((PyArrayObject *)obj, fn, arg, t, err);
+        return rc ? rc : check_aligned(t, fn, arg, err);
+    }
     int r = is_torch_tensor(obj);
     if (r < 0) {
         PyErr_Clear();
@@ -220,7 +237,8 @@ int mf_tensor_view(PyObject *obj, const char *fn, const char *arg, int allow_non
     if (r == 0)
         return mf_fail(err, MF_ERR_TYPE, "[%s] %s: expected a torch.Tensor or numpy.ndarray, got %s",
                        fn, arg, Py_TYPE(obj)->tp_name);
-    return view_torch(obj, fn, arg, t, err);
+    int rc = view_torch(obj, fn, arg, t, err);
+    return rc ? rc : check_aligned(t, fn, arg, err);
 }
 
 PyObject *mf_tensor_new_like(PyObject *like, const mf_tensor *like_view, int ndim,

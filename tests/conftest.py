@@ -27,3 +27,12 @@ def _clean_env(monkeypatch):
     """Every test starts with the tier and thread choice at their defaults."""
     monkeypatch.delenv("MTLFLASH_KERNEL", raising=False)
     monkeypatch.delenv("MTLFLASH_NUM_THREADS", raising=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Modules that count what they checked (e.g. test_fuzz's examples) report it here."""
+    for name in ("test_fuzz",):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "summary_lines"):
+            for line in module.summary_lines():
+                terminalreporter.write_line(line)

@@ -33,7 +33,7 @@ def _type_name(x) -> str:
 def _check_dropout(fn, dropout_p):
     try:
         p = float(dropout_p)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TypeError(f"[{fn}] dropout_p: expected a float, got {_type_name(dropout_p)}") from None
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"[{fn}] dropout_p: expected a probability in [0, 1], got {p}")
@@ -52,9 +52,12 @@ def _as_int(fn, name, x):
     if isinstance(x, bool):
         raise TypeError(f"[{fn}] {name}: expected an int, got bool")
     try:
-        return operator.index(x)
+        value = operator.index(x)
     except TypeError:
         raise TypeError(f"[{fn}] {name}: expected an int, got {_type_name(x)}") from None
+    if not -(2 ** 62) <= value < 2 ** 62:
+        raise ValueError(f"[{fn}] {name}: {value} is out of range")
+    return value
 
 
 def _window(fn, window_size):
@@ -69,7 +72,8 @@ def _window(fn, window_size):
         raise TypeError(f"[{fn}] window_size: expected two ints (left, right), got {window_size!r}") from None
     if isinstance(ws[0], bool) or isinstance(ws[1], bool):
         raise TypeError(f"[{fn}] window_size: expected two ints (left, right), got {window_size!r}")
-    return left, right
+    # A bound beyond any sequence length is the same as no bound (lengths are below 2**30).
+    return tuple(-1 if w < 0 or w > 2 ** 30 else w for w in (left, right))
 
 
 def _as_float(fn, name, x):
@@ -77,13 +81,15 @@ def _as_float(fn, name, x):
         raise TypeError(f"[{fn}] {name}: expected a float, got bool")
     try:
         return float(x)
+    except OverflowError:
+        raise ValueError(f"[{fn}] {name}: {x!r} is too large for a float") from None
     except (TypeError, ValueError):
         raise TypeError(f"[{fn}] {name}: expected a float, got {_type_name(x)}") from None
 
 
 def _as_bool(fn, name, x):
-    if isinstance(x, bool):
-        return x
+    if isinstance(x, bool) or type(x).__name__ == "bool_":  # bool or numpy.bool_
+        return bool(x)
     if isinstance(x, int) or (_is_torch(x) and x.numel() == 1):
         return bool(x)
     raise TypeError(f"[{fn}] {name}: expected a bool, got {_type_name(x)}")
