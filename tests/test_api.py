@@ -356,3 +356,19 @@ def test_metal_can_be_turned_off_for_the_process():
             "print(mtlflash.backend_info()['tiers']['simdgroup']['reason'])")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "disabled after an error in this process: kernel compile failed"
+
+
+def test_calls_work_in_a_forked_child():
+    # the pool's threads do not survive fork(); the child must start a fresh pool, not hang
+    code = ("import os, torch, mtlflash\n"
+            "q = torch.randn(1, 300, 4, 32)\n"
+            "a = mtlflash.flash_attn_func(q, q, q, causal=True)\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    b = mtlflash.flash_attn_func(q, q, q, causal=True)\n"
+            "    os._exit(0 if torch.equal(a, b) else 3)\n"
+            "_, status = os.waitpid(pid, 0)\n"
+            "print(os.waitstatus_to_exitcode(status))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "MTLFLASH_NUM_THREADS": "2"})
+    assert res.stdout.strip() == "0", res.stdout + res.stderr
