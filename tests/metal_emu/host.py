@@ -13,18 +13,10 @@ import torch
 from mtlflash import _C
 
 from . import emu
+from .cases import buffer_of
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _LIBS = {}
-
-
-def buffer_of(t):
-    """NumPy view of t's storage from t's first element to the end (buffer + byte offset)."""
-    n = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
-    flat = torch.as_strided(t, (n,), (1,), t.storage_offset())
-    if t.dtype == torch.bfloat16:
-        return flat.view(torch.int16).numpy().view(np.uint16)
-    return flat.numpy()
 
 
 def library(source_name, defines):
