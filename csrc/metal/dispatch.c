@@ -42,40 +42,29 @@ int mf_metal_vec_splits(const mf_params *p) {
 
 int mf_metal_tier_serves(mf_tier tier, const mf_problem *pb, const mf_metal_caps *caps, char *reason,
                          size_t n) {
+    if (tier == MF_TIER_TENSOROPS) {
+        snprintf(reason, n, "the tensorops tier is not implemented yet");
+        return 0;
+    }
+    if (tier != MF_TIER_VEC && tier != MF_TIER_SIMDGROUP) {
+        snprintf(reason, n, "not a Metal tier");
+        return 0;
+    }
+    /* vec and simdgroup alike: 32-wide simdgroups (simd_sum, simdgroup_matrix), head dims <= 256 */
+    if (caps->apple_family < 7) {
+        snprintf(reason, n, "the Metal kernels need an Apple7+ GPU (M1 or newer), this one is Apple%d",
+                 caps->apple_family);
+        return 0;
+    }
     if (pb->dtype == MF_BF16 && !caps->bfloat) {
         snprintf(reason, n, "bfloat16 needs Metal 3.1 (macOS 14 or newer)");
         return 0;
     }
-    switch (tier) {
-    case MF_TIER_VEC:
-        if (caps->apple_family < 7) { /* simd_sum over 32-wide simdgroups */
-            snprintf(reason, n, "the Metal kernels need an Apple7+ GPU (M1 or newer), this one is Apple%d",
-                     caps->apple_family);
-            return 0;
-        }
-        if (pb->p.head_dim > 256 || pb->p.head_dim_v > 256) {
-            snprintf(reason, n, "head dims above 256");
-            return 0;
-        }
-        return 1;
-    case MF_TIER_SIMDGROUP:
-        if (caps->apple_family < 7) {
-            snprintf(reason, n, "simdgroup_matrix needs an Apple7+ GPU (M1 or newer), this one is Apple%d",
-                     caps->apple_family);
-            return 0;
-        }
-        if (pb->p.head_dim > 256 || pb->p.head_dim_v > 256) {
-            snprintf(reason, n, "head dims above 256");
-            return 0;
-        }
-        return 1;
-    case MF_TIER_TENSOROPS:
-        snprintf(reason, n, "the tensorops tier is not implemented yet");
-        return 0;
-    default:
-        snprintf(reason, n, "not a Metal tier");
+    if (pb->p.head_dim > 256 || pb->p.head_dim_v > 256) {
+        snprintf(reason, n, "head dims above 256");
         return 0;
     }
+    return 1;
 }
 
 mf_tier mf_metal_choose(const mf_problem *pb, const mf_metal_caps *caps) {
