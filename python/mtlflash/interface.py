@@ -31,10 +31,7 @@ def _type_name(x) -> str:
 
 
 def _check_dropout(fn, dropout_p):
-    try:
-        p = float(dropout_p)
-    except (TypeError, ValueError, OverflowError):
-        raise TypeError(f"[{fn}] dropout_p: expected a float, got {_type_name(dropout_p)}") from None
+    p = _as_float(fn, "dropout_p", dropout_p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"[{fn}] dropout_p: expected a probability in [0, 1], got {p}")
     if p > 0.0:
