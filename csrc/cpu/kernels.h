@@ -32,8 +32,9 @@ typedef struct mf_cpu_kernels {
     /* dst[r*ldd + i] = (float)src[r*stride + i] for r < rows, i < n (stride in bytes) */
     void (*pack)(float *dst, int64_t ldd, const void *src, int64_t stride, int rows, int n, mf_dtype dt);
     /* Few-column S^T = K Q^T for decode: s[r*ld + c] = sum_d K[r][d] q[c*D + d] for r < n,
-     * c < cols (<= MF_CW), 0 for cols <= c < MF_CW; K rows read (and converted) in place, every
-     * dot product vectorised along d in a fixed order */
+     * c < cols (<= MF_CW), 0 for cols <= c < MF_CW; q holds MF_CW rows of D floats, rows past
+     * cols zero; K rows read (and converted) in place, each once for all columns; every dot
+     * product vectorised along d and reduced in a fixed order */
     void (*dot_qk)(float *s, int ld, const void *k, int64_t stride, int n, int D, mf_dtype dt,
                    const float *q, int cols);
     /* dst[i] = (dt)(src[i] * scale), rounded to nearest even */
