@@ -86,8 +86,15 @@ int mf_plan_num_threads(mf_error *err) {
                             "MTLFLASH_NUM_THREADS: expected an integer between 1 and 1024, got '%s'", env);
         return (int)v;
     }
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n < 1 ? 1 : (n > 1024 ? 1024 : (int)n);
+    /* sysconf reads /sys on every call (~10 us), so the count of online cores is taken once */
+    static int cores;
+    int c = __atomic_load_n(&cores, __ATOMIC_RELAXED);
+    if (c == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        c = n < 1 ? 1 : (n > 1024 ? 1024 : (int)n);
+        __atomic_store_n(&cores, c, __ATOMIC_RELAXED);
+    }
+    return c;
 }
 
 int mf_plan_choose(const mf_problem *pb, const char *forced, mf_plan *plan, mf_error *err) {
