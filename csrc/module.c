@@ -83,6 +83,12 @@ static int build(call_args *a, mf_problem *pb, mf_error *err) {
                             &a->talibi, &a->opt, err);
 }
 
+/* build() again once forward() has allocated the outputs (views already in a->tout, a->tlse) */
+static int rebuild_with_outputs(call_args *a, mf_problem *pb, mf_error *err) {
+    return mf_problem_build(pb, &a->tq, &a->tk, &a->tv, &a->tout, &a->tlse, &a->tcu_q, &a->tcu_k,
+                            &a->talibi, &a->opt, err);
+}
+
 static char *g_kwlist[] = {"fn", "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
                            "max_seqlen_k", "softmax_scale", "causal", "window_left", "window_right",
                            "softcap", "alibi_slopes", "return_lse", "out", "lse", "num_splits",
@@ -175,14 +181,16 @@ static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
     int n = mf_problem_out_shape(&pb, shape);
     out = mf_tensor_new_like(a.q, &a.tq, n, shape, pb.dtype);
     if (out == NULL) goto fail;
+    if (mf_tensor_view_new(out, &a.tq, n, shape, pb.dtype, a.fn, "out", &a.tout, &err)) goto fail_err;
     if (a.want_lse) {
         n = mf_problem_lse_shape(&pb, shape);
         lse = mf_tensor_new_like(a.q, &a.tq, n, shape, MF_F32);
         if (lse == NULL) goto fail;
+        if (mf_tensor_view_new(lse, &a.tq, n, shape, MF_F32, a.fn, "lse", &a.tlse, &err)) goto fail_err;
     }
     a.out = out;
     a.lse = lse ? lse : Py_None;
-    if (build(&a, &pb, &err)) goto fail_err;
+    if (rebuild_with_outputs(&a, &pb, &err)) goto fail_err;
     if (plan.tier == MF_TIER_CPU) {
         Py_BEGIN_ALLOW_THREADS
         rc = mf_cpu_forward(&pb, plan.num_threads, &err);

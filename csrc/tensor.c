@@ -49,6 +49,15 @@ int mf_is_array_like(PyObject *obj) {
     return is_torch_tensor(obj);
 }
 
+/* how torch and NumPy spell the dtypes mtlflash knows (indexed by mf_dtype), so the common case
+ * needs no str() call */
+static const char *const g_torch_names[4] = {"torch.float32", "torch.float16", "torch.bfloat16", "torch.int32"};
+static const char *const g_numpy_names[4] = {"float32", "float16", "bfloat16", "int32"};
+
+static void set_name(mf_dtype dt, const char *const *names, char *dst, size_t n) {
+    snprintf(dst, n, "%s", names[dt]);
+}
+
 static void set_repr(PyObject *o, char *dst, size_t n) {
     PyObject *s = PyObject_Str(o);
     const char *c = s ? PyUnicode_AsUTF8(s) : NULL;
@@ -78,8 +87,31 @@ static int read_int_seq(PyObject *seq, int64_t *dst, int max) {
     return (int)n;
 }
 
-static long long call_int_method(PyObject *obj, const char *name) {
-    PyObject *r = PyObject_CallMethod(obj, name, NULL);
+/* Attribute and method names, interned once: looking them up by C string would build a new
+ * Python string on every call. */
+enum { N_DTYPE, N_DEVICE, N_TYPE, N_SHAPE, N_STRIDE, N_DATA_PTR, N_UNTYPED_STORAGE, N_NBYTES,
+       N_STORAGE_OFFSET, N_NEW_EMPTY, N_COUNT };
+static PyObject *g_names[N_COUNT];
+
+static PyObject *name_of(int id) {
+    static const char *const text[N_COUNT] = {"dtype", "device", "type", "shape", "stride", "data_ptr",
+                                              "untyped_storage", "nbytes", "storage_offset", "new_empty"};
+    if (g_names[id] == NULL) g_names[id] = PyUnicode_InternFromString(text[id]);
+    return g_names[id];
+}
+
+static PyObject *get_attr(PyObject *obj, int id) {
+    PyObject *name = name_of(id);
+    return name ? PyObject_GetAttr(obj, name) : NULL;
+}
+
+static PyObject *call_method(PyObject *obj, int id) {
+    PyObject *name = name_of(id);
+    return name ? PyObject_CallMethodNoArgs(obj, name) : NULL;
+}
+
+static long long call_int_method(PyObject *obj, int id) {
+    PyObject *r = call_method(obj, id);
     if (r == NULL) return -1;
     long long v = PyLong_AsLongLong(r);
     Py_DECREF(r);
@@ -89,7 +121,6 @@ static long long call_int_method(PyObject *obj, const char *name) {
 static int view_numpy(PyArrayObject *a, const char *fn, const char *arg, mf_tensor *t, mf_error *err) {
     t->is_numpy = 1;
     t->device = MF_DEV_CPU;
-    set_repr((PyObject *)PyArray_DESCR(a), t->dtype_repr, sizeof t->dtype_repr);
     switch (PyArray_TYPE(a)) {
     case NPY_FLOAT32: t->dtype = MF_F32; break;
     case NPY_FLOAT16: t->dtype = MF_F16; break;
@@ -97,6 +128,8 @@ static int view_numpy(PyArrayObject *a, const char *fn, const char *arg, mf_tens
     default: t->dtype = MF_DTYPE_OTHER; break;
     }
     if (PyArray_DESCR(a)->byteorder == '>') t->dtype = MF_DTYPE_OTHER; /* non-native byte order */
+    if (t->dtype == MF_DTYPE_OTHER) set_repr((PyObject *)PyArray_DESCR(a), t->dtype_repr, sizeof t->dtype_repr);
+    else set_name(t->dtype, g_numpy_names, t->dtype_repr, sizeof t->dtype_repr);
     int nd = PyArray_NDIM(a);
     if (nd > MF_MAX_DIMS)
         return mf_fail(err, MF_ERR_VALUE, "[%s] %s: expected at most %d dimensions, got %d", fn,
@@ -122,16 +155,17 @@ static int view_torch(PyObject *obj, const char *fn, const char *arg, mf_tensor 
     PyObject *dtype = NULL, *device = NULL, *devtype = NULL, *shape = NULL, *stride = NULL;
     PyObject *storage = NULL;
 
-    dtype = PyObject_GetAttrString(obj, "dtype");
+    dtype = get_attr(obj, N_DTYPE);
     if (dtype == NULL) goto py_error;
     t->dtype = MF_DTYPE_OTHER;
     for (int i = 0; i < 4; i++)
         if (dtype == g_torch_dtype[i]) t->dtype = (mf_dtype)i;
-    set_repr(dtype, t->dtype_repr, sizeof t->dtype_repr);
+    if (t->dtype == MF_DTYPE_OTHER) set_repr(dtype, t->dtype_repr, sizeof t->dtype_repr);
+    else set_name(t->dtype, g_torch_names, t->dtype_repr, sizeof t->dtype_repr);
 
-    device = PyObject_GetAttrString(obj, "device");
+    device = get_attr(obj, N_DEVICE);
     if (device == NULL) goto py_error;
-    devtype = PyObject_GetAttrString(device, "type");
+    devtype = get_attr(device, N_TYPE);
     if (devtype == NULL) goto py_error;
     const char *dt = PyUnicode_AsUTF8(devtype);
     if (dt == NULL) goto py_error;
@@ -145,7 +179,7 @@ static int view_torch(PyObject *obj, const char *fn, const char *arg, mf_tensor 
         goto done;
     }
 
-    shape = PyObject_GetAttrString(obj, "shape");
+    shape = get_attr(obj, N_SHAPE);
     if (shape == NULL) goto py_error;
     int nd = read_int_seq(shape, t->shape, MF_MAX_DIMS);
     if (nd < 0) goto py_error;
@@ -155,23 +189,23 @@ static int view_torch(PyObject *obj, const char *fn, const char *arg, mf_tensor 
         goto done;
     }
     t->ndim = nd;
-    stride = PyObject_CallMethod(obj, "stride", NULL);
+    stride = call_method(obj, N_STRIDE);
     if (stride == NULL) goto py_error;
     if (read_int_seq(stride, t->stride, MF_MAX_DIMS) != nd) goto py_error;
 
     if (t->device == MF_DEV_CPU) {
-        long long p = call_int_method(obj, "data_ptr");
+        long long p = call_int_method(obj, N_DATA_PTR);
         if (p == -1 && PyErr_Occurred()) goto py_error;
         t->data = (void *)(uintptr_t)p;
     } else if (t->device == MF_DEV_MPS) {
         /* The storage's data pointer is the id<MTLBuffer> itself (see metal.md section 1). */
-        storage = PyObject_CallMethod(obj, "untyped_storage", NULL);
+        storage = call_method(obj, N_UNTYPED_STORAGE);
         if (storage == NULL) goto py_error;
-        long long handle = call_int_method(storage, "data_ptr");
+        long long handle = call_int_method(storage, N_DATA_PTR);
         if (handle == -1 && PyErr_Occurred()) goto py_error;
-        long long nbytes = call_int_method(storage, "nbytes");
+        long long nbytes = call_int_method(storage, N_NBYTES);
         if (nbytes == -1 && PyErr_Occurred()) goto py_error;
-        long long off = call_int_method(obj, "storage_offset");
+        long long off = call_int_method(obj, N_STORAGE_OFFSET);
         if (off == -1 && PyErr_Occurred()) goto py_error;
         t->mtl_buffer = (uint64_t)handle;
         t->storage_nbytes = nbytes;
@@ -261,7 +295,7 @@ PyObject *mf_tensor_new_like(PyObject *like, const mf_tensor *like_view, int ndi
     }
     PyObject *args = PyTuple_Pack(1, tuple);
     PyObject *kwargs = Py_BuildValue("{s:O}", "dtype", g_torch_dtype[dtype]);
-    PyObject *meth = PyObject_GetAttrString(like, "new_empty");
+    PyObject *meth = get_attr(like, N_NEW_EMPTY);
     PyObject *res = NULL;
     if (args && kwargs && meth) res = PyObject_Call(meth, args, kwargs);
     Py_XDECREF(meth);
@@ -269,4 +303,31 @@ PyObject *mf_tensor_new_like(PyObject *like, const mf_tensor *like_view, int ndi
     Py_XDECREF(args);
     Py_DECREF(tuple);
     return res;
+}
+
+int mf_tensor_view_new(PyObject *obj, const mf_tensor *like_view, int ndim, const int64_t *shape,
+                       mf_dtype dtype, const char *fn, const char *arg, mf_tensor *t, mf_error *err) {
+    /* A plain CPU torch.Tensor just made by new_empty: everything but the address is known. */
+    if (like_view->is_numpy || like_view->device != MF_DEV_CPU || g_torch_tensor_type == NULL ||
+        (PyObject *)Py_TYPE(obj) != g_torch_tensor_type)
+        return mf_tensor_view(obj, fn, arg, 0, t, err);
+    memset(t, 0, sizeof *t);
+    long long p = call_int_method(obj, N_DATA_PTR);
+    if (p == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return mf_tensor_view(obj, fn, arg, 0, t, err);
+    }
+    t->present = 1;
+    t->dtype = dtype;
+    t->device = MF_DEV_CPU;
+    t->ndim = ndim;
+    int64_t step = 1;
+    for (int i = ndim - 1; i >= 0; i--) {
+        t->shape[i] = shape[i];
+        t->stride[i] = step;
+        step *= shape[i] > 1 ? shape[i] : 1;
+    }
+    t->data = (void *)(uintptr_t)p;
+    set_name(dtype, g_torch_names, t->dtype_repr, sizeof t->dtype_repr);
+    return MF_OK;
 }

@@ -20,6 +20,12 @@ int mf_tensor_view(PyObject *obj, const char *fn, const char *arg, int allow_non
 PyObject *mf_tensor_new_like(PyObject *like, const mf_tensor *like_view, int ndim,
                              const int64_t *shape, mf_dtype dtype);
 
+/* The view of an output just made by mf_tensor_new_like(like, like_view, ndim, shape, dtype):
+ * for a plain CPU torch.Tensor only its address is read (it is contiguous); otherwise as
+ * mf_tensor_view. */
+int mf_tensor_view_new(PyObject *obj, const mf_tensor *like_view, int ndim, const int64_t *shape,
+                       mf_dtype dtype, const char *fn, const char *arg, mf_tensor *t, mf_error *err);
+
 /* Is the object a torch.Tensor (torch already imported by the caller) or a NumPy array? */
 int mf_is_array_like(PyObject *obj);
 
