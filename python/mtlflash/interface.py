@@ -22,8 +22,17 @@ __all__ = [
 ]
 
 
+_torch_types = set()  # types already seen to be torch tensors (a set lookup per call after that)
+
+
 def _is_torch(x) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+    t = type(x)
+    if t in _torch_types:
+        return True
+    if t.__module__.startswith("torch") and hasattr(x, "data_ptr"):
+        _torch_types.add(t)
+        return True
+    return False
 
 
 def _type_name(x) -> str:
@@ -31,6 +40,8 @@ def _type_name(x) -> str:
 
 
 def _check_dropout(fn, dropout_p):
+    if type(dropout_p) is float and dropout_p == 0.0:
+        return
     p = _as_float(fn, "dropout_p", dropout_p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"[{fn}] dropout_p: expected a probability in [0, 1], got {p}")
@@ -59,6 +70,8 @@ def _as_int(fn, name, x):
 
 def _window(fn, window_size):
     ws = window_size
+    if type(ws) is tuple and len(ws) == 2 and type(ws[0]) is int and type(ws[1]) is int and ws == (-1, -1):
+        return ws
     if _is_torch(ws) or hasattr(ws, "tolist") and not isinstance(ws, (list, tuple)):
         ws = ws.tolist()
     if not isinstance(ws, (tuple, list)) or len(ws) != 2:
@@ -74,6 +87,8 @@ def _window(fn, window_size):
 
 
 def _as_float(fn, name, x):
+    if type(x) is float:
+        return x
     if isinstance(x, bool):
         raise TypeError(f"[{fn}] {name}: expected a float, got bool")
     try:
@@ -85,6 +100,8 @@ def _as_float(fn, name, x):
 
 
 def _as_bool(fn, name, x):
+    if x is False or x is True:
+        return x
     if isinstance(x, bool) or type(x).__name__ == "bool_":  # bool or numpy.bool_
         return bool(x)
     if isinstance(x, int) or (_is_torch(x) and x.numel() == 1):
@@ -94,7 +111,7 @@ def _as_bool(fn, name, x):
 
 def _cpu_offsets(x):
     """cu_seqlens are read by the C core on the CPU; device tensors are copied (B+1 ints)."""
-    if _is_torch(x) and x.device.type != "cpu":
+    if x is not None and _is_torch(x) and x.device.type != "cpu":
         return x.cpu()
     return x
 
@@ -160,8 +177,9 @@ def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, s
         _prepare_mps(fn)
     args = (fn, q, k, v, _cpu_offsets(cu_q), _cpu_offsets(cu_k), max_q, max_k, softmax_scale, causal,
             window[0], window[1], softcap, alibi, want_lse)
-    device_offsets = {"cu_seqlens_q_device": _device_offsets(cu_q, q) if mps else None,
-                      "cu_seqlens_k_device": _device_offsets(cu_k, q) if mps else None}
+    device_offsets = ({"cu_seqlens_q_device": _device_offsets(cu_q, q),
+                       "cu_seqlens_k_device": _device_offsets(cu_k, q)} if mps
+                      else {"cu_seqlens_q_device": None, "cu_seqlens_k_device": None})
     try:
         out, lse, tier, stream_plan = _C.forward(*args, **device_offsets)
         if stream_plan is not None:
@@ -235,10 +253,12 @@ def _attention(fn, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_
     return out
 
 
-def _needs_autograd(*tensors):
+def _needs_autograd(q, k, v):
+    if not (q.requires_grad or getattr(k, "requires_grad", False) or getattr(v, "requires_grad", False)):
+        return False
     import torch
 
-    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+    return torch.is_grad_enabled()
 
 
 _forward_only = None
