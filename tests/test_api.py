@@ -216,7 +216,7 @@ def test_backend_info():
     assert info["tiers"]["cpu"]["available"]
     assert info["tiers"]["reference"]["available"]
     assert set(info["tiers"]) == {"cpu", "vec", "simdgroup", "tensorops", "reference"}
-    assert info["cpu_simd"] in ("avx2+fma", "generic")
+    assert info["cpu_simd"] in ("avx512", "avx2+fma", "generic")
     if sys.platform != "darwin":
         assert not info["tiers"]["vec"]["available"]
         assert "not built" in info["tiers"]["vec"]["reason"]
@@ -266,24 +266,29 @@ def test_bad_thread_count(monkeypatch):
         mtlflash.flash_attn_func(*qkv())
 
 
-def test_generic_simd_path_matches(monkeypatch):
-    # The baseline (non-AVX2) path gives the same answers within fp32 rounding.
+def test_simd_paths_match(monkeypatch):
+    # Every SIMD path this CPU has (baseline, AVX2, AVX-512) gives the same answers within fp32
+    # rounding; MTLFLASH_CPU_ISA caps the choice.
     code = ("import torch, mtlflash; torch.manual_seed(0); q = torch.randn(1, 100, 2, 72); "
-            "o = mtlflash.flash_attn_func(q, q, q, causal=True); "
+            "k = torch.randn(1, 130, 2, 72); "
+            "o = mtlflash.flash_attn_func(q, k, k, causal=True); "
             "print(mtlflash.backend_info()['cpu_simd']); torch.save(o, __import__('sys').argv[1])")
     import os
     import tempfile
 
     outs = {}
     with tempfile.TemporaryDirectory() as d:
-        for isa in ["generic", "best"]:
+        for isa in ["generic", "avx2", "best"]:
             path = os.path.join(d, isa + ".pt")
             env = dict(os.environ, MTLFLASH_CPU_ISA=isa)
             res = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True,
                                  check=True)
             outs[isa] = (res.stdout.strip(), torch.load(path))
     assert outs["generic"][0] == "generic"
-    assert (outs["generic"][1] - outs["best"][1]).abs().max() < 1e-5
+    assert outs["avx2"][0] in ("avx2+fma", "generic")
+    assert outs["best"][0] == mtlflash.backend_info()["cpu_simd"]
+    for isa in ("generic", "avx2"):
+        assert (outs[isa][1] - outs["best"][1]).abs().max() < 1e-5, isa
 
 
 def test_gil_released_during_compute():

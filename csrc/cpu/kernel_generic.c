@@ -11,12 +11,21 @@ const mf_cpu_kernels *mf_cpu_kernels_get(void) {
     if (chosen != NULL) return chosen;
     const mf_cpu_kernels *k = &mf_cpu_kernels_generic;
 #ifdef MF_HAVE_AVX2_TU
+    /* MTLFLASH_CPU_ISA=generic or avx2 caps the path; any other value means the best one */
     const char *isa = getenv("MTLFLASH_CPU_ISA");
-    int forced_generic = isa != NULL && strcmp(isa, "generic") == 0;
-    __builtin_cpu_init();
-    if (!forced_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+    const int cap_generic = isa != NULL && strcmp(isa, "generic") == 0;
+    const int cap_avx2 = isa != NULL && strcmp(isa, "avx2") == 0;
+    __builtin_cpu_init(); /* libgcc/compiler-rt also check that the OS saves the wider registers */
+    if (!cap_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
         k = &mf_cpu_kernels_avx2;
+#ifdef MF_HAVE_AVX512_TU
+        if (!cap_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+            k = &mf_cpu_kernels_avx512;
+#else
+        (void)cap_avx2;
+#endif
+    }
 #endif
     chosen = k;
     return k;

@@ -1,7 +1,8 @@
 /* kernels.h - the SIMD building blocks of the CPU backend, one table per instruction-set path.
  *
  * kernel_impl.inc holds the only implementation; kernel_generic.c compiles it for the baseline
- * ISA and kernel_avx2.c with AVX2+FMA+F16C. mf_cpu_kernels_get() picks one at run time.
+ * ISA, kernel_avx2.c with AVX2+FMA+F16C and kernel_avx512.c with AVX-512 on top (its GEMM in
+ * zmm registers). mf_cpu_kernels_get() picks one at run time.
  *
  * Layout used by attn.c: a tile of scores is stored transposed, S^T[key][column], where a column
  * is one query row of one head; every per-column quantity (max, sum, mask bounds) is a vector
@@ -58,8 +59,11 @@ extern const mf_cpu_kernels mf_cpu_kernels_generic;
 #ifdef MF_HAVE_AVX2_TU
 extern const mf_cpu_kernels mf_cpu_kernels_avx2;
 #endif
+#ifdef MF_HAVE_AVX512_TU
+extern const mf_cpu_kernels mf_cpu_kernels_avx512;
+#endif
 
-/* The best table for this CPU (MTLFLASH_CPU_ISA=generic forces the baseline one). */
+/* The best table for this CPU (MTLFLASH_CPU_ISA=generic or avx2 caps the choice). */
 const mf_cpu_kernels *mf_cpu_kernels_get(void);
 
 #endif /* MF_KERNELS_H */
