@@ -42,7 +42,8 @@ def log(msg):
 # ceilings
 
 
-def build_peak(tmp):
+def build_peak(tmp, simd):
+    """The ceilings' program, with FMAs as wide as the library's SIMD path (`simd`) uses."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise SystemExit("bench_cpu: a C compiler is needed to measure the FMA peak (set CC)")
@@ -50,6 +51,8 @@ def build_peak(tmp):
     flags = ["-O2"]
     if platform.machine() in ("x86_64", "AMD64", "amd64"):
         flags += ["-mavx2", "-mfma"]
+        if simd == "avx512":
+            flags += ["-mavx512f", "-DPEAK_W=16"]
     subprocess.check_call([cc, *flags, os.path.join(HERE, "peak.c"), "-o", exe, "-lpthread"])
     return exe
 
@@ -71,6 +74,12 @@ def build_profile(tmp):
                             "-o", obj], check=True, capture_output=True, text=True)
             objs.append(obj)
             base.append("-DMF_HAVE_AVX2_TU=1")
+            obj = os.path.join(tmp, "kernel_avx512.o")
+            r = subprocess.run([*base, "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-c",
+                                os.path.join(csrc, "cpu", "kernel_avx512.c"), "-o", obj], capture_output=True, text=True)
+            if r.returncode == 0:  # the compiler has AVX-512: the profile picks its path as the library does
+                objs.append(obj)
+                base.append("-DMF_HAVE_AVX512_TU=1")
         subprocess.run([*base, os.path.join(HERE, "profile.c"), os.path.join(csrc, "cpu", "kernel_generic.c"),
                         *objs, "-o", exe, "-lm"], check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as e:
@@ -267,7 +276,7 @@ def main():
     }
 
     tmp = tempfile.mkdtemp(prefix="mtlflash-bench-")
-    exe = build_peak(tmp)
+    exe = build_peak(tmp, res["machine"]["mtlflash_simd"])
     peak = fma_peak(exe, nt)
     peak1 = fma_peak(exe, 1)
     bw = read_bw(exe, nt)

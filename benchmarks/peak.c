@@ -1,8 +1,9 @@
 /* peak.c - the machine's ceilings, for benchmarks/bench_cpu.py (compiled by it at run time).
  *
- *   peak fma <threads> <seconds>    fp32 FMA throughput: 12 independent 8-wide FMA chains per
- *                                   thread (AVX2+FMA; 4-wide SSE/NEON code from the same source
- *                                   elsewhere); prints GFLOP/s (2 FLOP per lane per FMA)
+ *   peak fma <threads> <seconds>    fp32 FMA throughput: 12 independent FMA chains of PEAK_W
+ *                                   lanes per thread (PEAK_W 8: AVX2+FMA, 4-wide SSE/NEON code
+ *                                   from the same source elsewhere; PEAK_W 16 with -mavx512f:
+ *                                   zmm registers); prints GFLOP/s (2 FLOP per lane per FMA)
  *   peak read <threads> <MiB>       streaming read bandwidth over a buffer much larger than the
  *                                   caches; prints GB/s (best of 5 passes)
  */
@@ -12,7 +13,11 @@
 #include <string.h>
 #include <time.h>
 
+#ifndef PEAK_W
+#define PEAK_W 8
+#endif
 typedef float v8 __attribute__((vector_size(32)));
+typedef float vw __attribute__((vector_size(4 * PEAK_W))); /* the FMA loop's vectors */
 
 static double now(void) {
     struct timespec t;
@@ -29,7 +34,9 @@ typedef struct arg {
 
 static void *fma_loop(void *p) {
     arg *a = (arg *)p;
-    v8 acc[12], x = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f}, y = x * 0.999999f;
+    vw acc[12], x, y;
+    for (int l = 0; l < PEAK_W; l++) x[l] = 1.0f;
+    y = x * 0.999999f;
     for (int i = 0; i < 12; i++) acc[i] = x * (float)i;
     const int inner = 1 << 16;
     long rounds = 0;
@@ -42,10 +49,10 @@ static void *fma_loop(void *p) {
         rounds++;
     } while (now() - t0 < a->seconds);
     double t = now() - t0;
-    v8 s = acc[0];
+    vw s = acc[0];
     for (int i = 1; i < 12; i++) s += acc[i];
     a->sink = s[0];
-    a->flops = (double)rounds * inner * 12 * 8 * 2 / t;
+    a->flops = (double)rounds * inner * 12 * PEAK_W * 2 / t;
     return NULL;
 }
 
