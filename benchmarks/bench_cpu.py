@@ -468,11 +468,17 @@ def _notes(res):
                 f"loses the rest outside the tile's kernels (packing, loading Q, writing O)")
         d = prof["decode"]
         c, m = d["cache"], d["memory"]
+        both = c["total_ns"] + d["read_ns_per_key"]
+        if m["total_ns"] >= 0.9 * both:
+            why = f"the loads and the arithmetic do not overlap (compute + read = {both:.0f} ns)"
+        elif c["total_ns"] >= d["read_ns_per_key"]:
+            why = "the arithmetic alone takes longer than streaming the bytes: decode is bound by the arithmetic here"
+        else:
+            why = f"the loads and the arithmetic overlap only in part (compute + read = {both:.0f} ns)"
         notes["decode"] = (f"per key of one kv head on one thread: {c['total_ns']:.0f} ns of arithmetic with K/V in "
                            f"cache (Q.K^T {c['qk_ns']:.0f}, softmax {c['softmax_ns']:.0f}, P.V {c['pv_ns']:.0f}), "
                            f"{d['read_ns_per_key']:.0f} ns to stream its 512 bytes, {m['total_ns']:.0f} ns measured "
-                           f"from memory: the loads and the arithmetic do not overlap (compute + read = "
-                           f"{c['total_ns'] + d['read_ns_per_key']:.0f} ns)")
+                           f"from memory: {why}")
     return notes
 
 
