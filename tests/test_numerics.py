@@ -294,3 +294,35 @@ def test_fully_masked_rows_are_zero_not_nan():
     # window (0, 0) with Sk < Sq: rows whose diagonal falls outside [0, Sk) see nothing
     out, lse = run_dense(1, 20, 5, 2, 2, 32, 32, torch.float16, window_size=(0, 0))
     assert torch.isinf(lse).any() and torch.isfinite(lse).any()
+
+
+def _kv_layout(shape, dtype, seed, layout):
+    """K or V (B, Sk, H, D) stored as asked: 'bshd' contiguous, 'bhsd' head by head (a transposed
+    view), 'padded' with unused heads and elements around the ones the call sees."""
+    B, Sk, H, D = shape
+    if layout == "bshd":
+        return make(shape, dtype, seed)
+    if layout == "bhsd":
+        return make((B, H, Sk, D), dtype, seed).transpose(1, 2)
+    return make((B, Sk, H + 1, D + 8), dtype, seed)[:, :, 1:, 4:4 + D]
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "padded"])
+@pytest.mark.parametrize("sq,hq,hk,opts", [
+    (1, 8, 2, {}),                                   # decode: few columns, K/V read in place
+    (3, 8, 2, {"causal": True}),                     # 12 columns: tiles packed per item
+    (20, 4, 4, {"window_size": (700, 30)}),          # a row block per head, masked tiles
+    (1, 6, 1, {"softcap": 20.0}),
+])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_split_kv_layouts(layout, sq, hq, hk, opts, dtype):
+    # Long keys and few work items: the keys are split over tasks that run every kv head of a
+    # sequence tile by tile (and read each tile's rows of all heads in address order when the
+    # heads sit side by side in memory).
+    dt = DTYPES[dtype]
+    B, Sk, D = 2, 2600, 64
+    q = make((B, sq, hq, D), dt, 1)
+    k = _kv_layout((B, Sk, hk, D), dt, 2, layout)
+    v = _kv_layout((B, Sk, hk, D), dt, 3, layout)
+    out, lse, _ = mtlflash.flash_attn_func(q, k, v, return_attn_probs=True, **opts)
+    check_against_reference(out, lse, q, k, v, **opts)

@@ -79,6 +79,10 @@ typedef struct job {
     float *pk, *pv;
     int pack_b, pack_hk;
     int64_t item_base;   /* added to the pool's item index */
+    /* split-KV with the kv heads side by side in each key's row (e.g. (batch, seqlen, heads,
+     * dim)): run_split reads each tile's rows of all heads once, in address order, before the
+     * items compute on it; the items then find them in cache and skip their own prefetches */
+    int span_touch;
 } job;
 
 #define MF_PACK_ROWS 256 /* keys per packing task */
@@ -164,6 +168,15 @@ static void prefetch_rows(const char *base, int64_t stride, int64_t bytes, int64
         const char *row = base + j * stride;
         for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(row + o, 0, 2);
         __builtin_prefetch(row + bytes - 1, 0, 2);
+    }
+}
+
+/* rows [j0, j1] read once, one load per cache line in address order (volatile: the loads stay) */
+static void touch_rows(const char *base, int64_t stride, int64_t bytes, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j <= j1; j++) {
+        const volatile unsigned char *row = (const volatile unsigned char *)(base + j * stride);
+        for (int64_t o = 0; o < bytes; o += 64) (void)row[o];
+        (void)row[bytes - 1];
     }
 }
 
@@ -271,10 +284,12 @@ static void unit_tile(const job *jb, ustate *u, int64_t j0) {
         Kt = jb->pk + j0 * D;
         Vt = jb->pv + j0 * dvp;
     } else {
-        /* the next tile streams in from memory while this one is computed */
-        const int64_t jn = j0 + MF_PREFETCH_TILES * jb->bn, jn_end = u->ke < jn + jb->bn - 1 ? u->ke : jn + jb->bn - 1;
-        prefetch_rows(u->kbase, p->k_stride_s * es, D * es, jn, jn_end);
-        prefetch_rows(u->vbase, p->v_stride_s * es, Dv * es, jn, jn_end);
+        if (!jb->span_touch) { /* the next tile streams in from memory while this one is computed */
+            const int64_t jn = j0 + MF_PREFETCH_TILES * jb->bn;
+            const int64_t jn_end = u->ke < jn + jb->bn - 1 ? u->ke : jn + jb->bn - 1;
+            prefetch_rows(u->kbase, p->k_stride_s * es, D * es, jn, jn_end);
+            prefetch_rows(u->vbase, p->v_stride_s * es, Dv * es, jn, jn_end);
+        }
         if (cp != MF_CW) kn->pack(w->K, D, u->kbase + j0 * p->k_stride_s * es, p->k_stride_s * es, n, D, pb->dtype);
     }
     if (cp == MF_CW && jb->pk == NULL) /* few columns (decode): dot products along d, K read in place */
@@ -359,12 +374,31 @@ static void run_split(void *ctx, int64_t task, int worker) {
     const int n_items = (int)(jb->item_start[b + 1] - first);
     ustate u[MF_SPLIT_ITEMS];
     for (int i = 0; i < n_items; i++) unit_init(jb, (first + i) * jb->splits + s, worker, i, &u[i]);
+    const mf_params *p = &jb->pb->p;
+    const int64_t es = (int64_t)jb->esize;
+    const char *klo = NULL, *vlo = NULL;
+    int64_t kspan = 0, vspan = 0;
+    if (jb->span_touch && n_items > 0) {
+        const char *khi = NULL, *vhi = NULL;
+        for (int i = 0; i < n_items; i++) {
+            if (klo == NULL || u[i].kbase < klo) klo = u[i].kbase;
+            if (khi == NULL || u[i].kbase > khi) khi = u[i].kbase;
+            if (vlo == NULL || u[i].vbase < vlo) vlo = u[i].vbase;
+            if (vhi == NULL || u[i].vbase > vhi) vhi = u[i].vbase;
+        }
+        kspan = (khi - klo) + (int64_t)p->head_dim * es;
+        vspan = (vhi - vlo) + (int64_t)p->head_dim_v * es;
+    }
     for (int64_t t = 0;; t++) {
         int any = 0;
+        if (kspan > 0 && u[0].ks <= u[0].ke && t * jb->bn <= u[0].ke - u[0].ks) { /* item 0's tile t */
+            const int64_t j0 = u[0].ks + t * jb->bn, j1 = u[0].ke - j0 < jb->bn ? u[0].ke : j0 + jb->bn - 1;
+            touch_rows(klo, p->k_stride_s * es, kspan, j0, j1);
+            touch_rows(vlo, p->v_stride_s * es, vspan, j0, j1);
+        }
         for (int i = 0; i < n_items; i++) {
-            const int64_t j0 = u[i].ks + t * jb->bn;
-            if (j0 > u[i].ke) continue;
-            unit_tile(jb, &u[i], j0);
+            if (u[i].ks > u[i].ke || t * jb->bn > u[i].ke - u[i].ks) continue; /* no tile t (no overflow) */
+            unit_tile(jb, &u[i], u[i].ks + t * jb->bn);
             any = 1;
         }
         if (!any) break;
@@ -549,6 +583,18 @@ int mf_cpu_forward(const mf_problem *pb, int n_threads, mf_error *err) {
     } else if (jb.splits > 1) {
         /* one task = one key split of every item of a sequence: the items (kv heads) read the
          * same pages one after the other, so each page is mapped once and read from memory once */
+        { /* measured on a 2-core Xeon, decode Sk=32768 Hk=8 D=128 bf16: 25-28 ms without the
+           * ordered read, 15-18 with it, 12-14 with K/V stored head by head */
+            const int64_t es = (int64_t)jb.esize;
+            const int64_t kh = p->k_stride_h < 0 ? -p->k_stride_h : p->k_stride_h;
+            const int64_t vh = p->v_stride_h < 0 ? -p->v_stride_h : p->v_stride_h;
+            const int64_t ks = ((int64_t)(p->heads_k - 1) * kh + p->head_dim) * es;
+            const int64_t vs = ((int64_t)(p->heads_k - 1) * vh + p->head_dim_v) * es;
+            /* the span lies within one key's row and holds little besides the heads' rows */
+            jb.span_touch = ks <= p->k_stride_s * es && vs <= p->v_stride_s * es &&
+                            ks <= 2 * (int64_t)p->heads_k * p->head_dim * es &&
+                            vs <= 2 * (int64_t)p->heads_k * p->head_dim_v * es;
+        }
         mf_pool_run(nt, (int64_t)p->batch * jb.splits, run_split, &jb);
     } else {
         mf_pool_run(nt, units, run_unit, &jb);
