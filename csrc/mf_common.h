@@ -30,6 +30,7 @@ typedef struct mf_error {
 typedef struct mf_tensor {
     int present;                  /* 0 for an absent optional argument (None) */
     int is_numpy;
+    int readonly;                 /* a NumPy array whose WRITEABLE flag is off */
     mf_dtype dtype;
     mf_device device;
     int ndim;

@@ -32,13 +32,18 @@ static PyObject *raise(const mf_error *err) {
 /* Every argument of one attention call, as the Python layer passes them. */
 typedef struct call_args {
     const char *fn;
-    PyObject *q, *k, *v, *out, *lse, *cu_q, *cu_k, *alibi;
+    PyObject *q, *k, *v, *out, *lse, *cu_q, *cu_k, *alibi, *block_table;
     PyObject *cu_q_dev, *cu_k_dev; /* varlen offsets on the inputs' device (Metal tiers) */
+    /* kv cache (flash_attn_with_kvcache); index tensors come as CPU copies (validated and read
+     * here) and, for the Metal tiers, on the inputs' device */
+    PyObject *k_new, *v_new, *cos, *sin, *cache_seqlens, *cache_batch_idx, *cache_leftpad;
+    PyObject *kv_index_dev, *seqused_dev, *leftpad_dev;
+    PyObject *q_rot;
     long long max_q, max_k, window_left, window_right;
     PyObject *scale;
-    int causal, want_lse, num_splits;
+    int causal, want_lse, num_splits, rotary_interleaved, kvcache;
     double softcap;
-    mf_tensor tq, tk, tv, tout, tlse, tcu_q, tcu_k, talibi;
+    mf_inputs in;
     mf_options opt;
 } call_args;
 
@@ -46,17 +51,32 @@ typedef struct call_args {
 static int views_and_options(call_args *a, mf_error *err) {
     int rc;
     const char *fn = a->fn;
-    if ((rc = mf_tensor_view(a->q, fn, "q", 0, &a->tq, err))) return rc;
-    if ((rc = mf_tensor_view(a->k, fn, "k", 0, &a->tk, err))) return rc;
-    if ((rc = mf_tensor_view(a->v, fn, "v", 0, &a->tv, err))) return rc;
-    if ((rc = mf_tensor_view(a->out, fn, "out", 1, &a->tout, err))) return rc;
-    if ((rc = mf_tensor_view(a->lse, fn, "lse", 1, &a->tlse, err))) return rc;
-    if ((rc = mf_tensor_view(a->cu_q, fn, "cu_seqlens_q", 1, &a->tcu_q, err))) return rc;
-    if ((rc = mf_tensor_view(a->cu_k, fn, "cu_seqlens_k", 1, &a->tcu_k, err))) return rc;
-    if ((rc = mf_tensor_view(a->alibi, fn, "alibi_slopes", 1, &a->talibi, err))) return rc;
+    mf_inputs *in = &a->in;
+    struct { PyObject *obj; const char *name; int optional; mf_tensor *t; } v[] = {
+        {a->q, "q", 0, &in->q},
+        {a->k, a->kvcache ? "k_cache" : "k", 0, &in->k},
+        {a->v, a->kvcache ? "v_cache" : "v", 0, &in->v},
+        {a->out, "out", 1, &in->out},
+        {a->lse, "lse", 1, &in->lse},
+        {a->cu_q, "cu_seqlens_q", 1, &in->cu_q},
+        {a->cu_k, "cu_seqlens_k", 1, &in->cu_k},
+        {a->alibi, "alibi_slopes", 1, &in->alibi},
+        {a->block_table, "block_table", 1, &in->block_table},
+        {a->k_new, "k", 1, &in->k_new},
+        {a->v_new, "v", 1, &in->v_new},
+        {a->cos, "rotary_cos", 1, &in->rotary_cos},
+        {a->sin, "rotary_sin", 1, &in->rotary_sin},
+        {a->cache_seqlens, "cache_seqlens", 1, &in->cache_seqlens},
+        {a->cache_batch_idx, "cache_batch_idx", 1, &in->cache_batch_idx},
+        {a->cache_leftpad, "cache_leftpad", 1, &in->cache_leftpad},
+        {a->q_rot, "q_rot", 1, &in->q_rot},
+    };
+    for (size_t i = 0; i < sizeof v / sizeof v[0]; i++)
+        if ((rc = mf_tensor_view(v[i].obj, fn, v[i].name, v[i].optional, v[i].t, err))) return rc;
     mf_options *o = &a->opt;
     o->fn = fn;
-    o->varlen = a->tcu_q.present || a->tcu_k.present;
+    o->varlen = in->cu_q.present || in->cu_k.present;
+    o->kvcache = a->kvcache;
     o->has_scale = a->scale != Py_None;
     if (o->has_scale) {
         o->softmax_scale = PyFloat_AsDouble(a->scale);
@@ -73,40 +93,68 @@ static int views_and_options(call_args *a, mf_error *err) {
     o->max_seqlen_q = a->max_q;
     o->max_seqlen_k = a->max_k;
     o->want_lse = a->want_lse;
+    o->rotary_interleaved = a->rotary_interleaved;
+    o->num_splits = a->num_splits;
     return MF_OK;
 }
 
 static int build(call_args *a, mf_problem *pb, mf_error *err) {
     int rc = views_and_options(a, err);
     if (rc) return rc;
-    return mf_problem_build(pb, &a->tq, &a->tk, &a->tv, &a->tout, &a->tlse, &a->tcu_q, &a->tcu_k,
-                            &a->talibi, &a->opt, err);
+    return mf_problem_build(pb, &a->in, &a->opt, err);
 }
 
-/* build() again once forward() has allocated the outputs (views already in a->tout, a->tlse) */
+/* build() again once forward() has allocated the outputs (views already in a->in) */
 static int rebuild_with_outputs(call_args *a, mf_problem *pb, mf_error *err) {
-    return mf_problem_build(pb, &a->tq, &a->tk, &a->tv, &a->tout, &a->tlse, &a->tcu_q, &a->tcu_k,
-                            &a->talibi, &a->opt, err);
+    return mf_problem_build(pb, &a->in, &a->opt, err);
 }
 
 static char *g_kwlist[] = {"fn", "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
                            "max_seqlen_k", "softmax_scale", "causal", "window_left", "window_right",
                            "softcap", "alibi_slopes", "return_lse", "out", "lse", "num_splits",
-                           "cu_seqlens_q_device", "cu_seqlens_k_device", NULL};
+                           "cu_seqlens_q_device", "cu_seqlens_k_device", "block_table",
+                           "block_table_device", NULL};
 
-static int parse(PyObject *args, PyObject *kwargs, const char *format, call_args *a) {
+static void defaults(call_args *a) {
     memset(a, 0, sizeof *a);
     a->cu_q = a->cu_k = a->alibi = a->out = a->lse = a->scale = a->cu_q_dev = a->cu_k_dev = Py_None;
+    a->block_table = a->kv_index_dev = a->seqused_dev = a->leftpad_dev = Py_None;
+    a->k_new = a->v_new = a->cos = a->sin = a->cache_seqlens = a->cache_batch_idx = a->cache_leftpad = Py_None;
+    a->q_rot = Py_None;
     a->window_left = a->window_right = -1;
     a->num_splits = 1;
+    a->rotary_interleaved = 1;
+}
+
+static int parse(PyObject *args, PyObject *kwargs, const char *format, call_args *a) {
+    defaults(a);
     return PyArg_ParseTupleAndKeywords(args, kwargs, format, g_kwlist, &a->fn, &a->q, &a->k, &a->v,
                                        &a->cu_q, &a->cu_k, &a->max_q, &a->max_k, &a->scale,
                                        &a->causal, &a->window_left, &a->window_right, &a->softcap,
                                        &a->alibi, &a->want_lse, &a->out, &a->lse, &a->num_splits,
-                                       &a->cu_q_dev, &a->cu_k_dev);
+                                       &a->cu_q_dev, &a->cu_k_dev, &a->block_table, &a->kv_index_dev);
 }
 
-#define FORWARD_FORMAT "sOOO|OOLLOpLLdOpOOiOO:forward"
+static char *g_kvcache_kwlist[] = {"fn", "q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rotary_sin",
+                                   "cache_seqlens", "cache_batch_idx", "cache_leftpad", "block_table",
+                                   "softmax_scale", "causal", "window_left", "window_right", "softcap",
+                                   "rotary_interleaved", "alibi_slopes", "num_splits", "return_lse",
+                                   "kv_index_device", "cache_seqlens_device", "cache_leftpad_device", NULL};
+
+static int parse_kvcache(PyObject *args, PyObject *kwargs, call_args *a) {
+    defaults(a);
+    a->kvcache = 1;
+    a->num_splits = 0;
+    return PyArg_ParseTupleAndKeywords(args, kwargs, "sOOO|OOOOOOOOOpLLdpOipOOO:kvcache", g_kvcache_kwlist,
+                                       &a->fn, &a->q, &a->k, &a->v, &a->k_new, &a->v_new, &a->cos, &a->sin,
+                                       &a->cache_seqlens, &a->cache_batch_idx, &a->cache_leftpad,
+                                       &a->block_table, &a->scale, &a->causal, &a->window_left,
+                                       &a->window_right, &a->softcap, &a->rotary_interleaved, &a->alibi,
+                                       &a->num_splits, &a->want_lse, &a->kv_index_dev, &a->seqused_dev,
+                                       &a->leftpad_dev);
+}
+
+#define FORWARD_FORMAT "sOOO|OOLLOpLLdOpOOiOOOO:forward"
 
 PyDoc_STRVAR(forward_doc,
 "forward($module, /, fn, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,\n"
@@ -163,46 +211,54 @@ static int run_metal(call_args *a, const mf_problem *pb, mf_tier tier, PyObject 
     return MF_OK;
 }
 
-static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
-    (void)self;
-    call_args a;
+/* The common body of forward() and kvcache(): validate, plan, allocate, run. */
+static PyObject *run_call(call_args *a) {
     mf_problem pb;
     mf_plan plan;
     mf_error err = {MF_OK, ""};
-    PyObject *out = NULL, *lse = NULL, *stream_plan = NULL;
+    PyObject *out = NULL, *lse = NULL, *q_rot = NULL, *stream_plan = NULL;
     int rc;
-    if (!parse(args, kwargs, FORWARD_FORMAT, &a)) return NULL;
-    a.out = a.lse = Py_None; /* outputs are allocated here */
-    if (build(&a, &pb, &err)) return raise(&err);
+    a->out = a->lse = a->q_rot = Py_None; /* outputs are allocated here */
+    if (build(a, &pb, &err)) return raise(&err);
     if (mf_plan_choose(&pb, getenv("MTLFLASH_KERNEL"), &plan, &err)) return raise(&err);
     if (plan.tier == MF_TIER_REFERENCE) return Py_BuildValue("(OOsO)", Py_None, Py_None, "reference", Py_None);
 
+    const mf_tensor *tq = &a->in.q;
     int64_t shape[4];
     int n = mf_problem_out_shape(&pb, shape);
-    out = mf_tensor_new_like(a.q, &a.tq, n, shape, pb.dtype);
+    out = mf_tensor_new_like(a->q, tq, n, shape, pb.dtype);
     if (out == NULL) goto fail;
-    if (mf_tensor_view_new(out, &a.tq, n, shape, pb.dtype, a.fn, "out", &a.tout, &err)) goto fail_err;
-    if (a.want_lse) {
+    if (mf_tensor_view_new(out, tq, n, shape, pb.dtype, a->fn, "out", &a->in.out, &err)) goto fail_err;
+    if (a->want_lse) {
         n = mf_problem_lse_shape(&pb, shape);
-        lse = mf_tensor_new_like(a.q, &a.tq, n, shape, MF_F32);
+        lse = mf_tensor_new_like(a->q, tq, n, shape, MF_F32);
         if (lse == NULL) goto fail;
-        if (mf_tensor_view_new(lse, &a.tq, n, shape, MF_F32, a.fn, "lse", &a.tlse, &err)) goto fail_err;
+        if (mf_tensor_view_new(lse, tq, n, shape, MF_F32, a->fn, "lse", &a->in.lse, &err)) goto fail_err;
     }
-    a.out = out;
-    a.lse = lse ? lse : Py_None;
-    if (rebuild_with_outputs(&a, &pb, &err)) goto fail_err;
+    if (mf_problem_rotates_q(&pb)) { /* the rotated q, written by the append pass */
+        for (int i = 0; i < 4; i++) shape[i] = tq->shape[i];
+        q_rot = mf_tensor_new_like(a->q, tq, 4, shape, pb.dtype);
+        if (q_rot == NULL) goto fail;
+        if (mf_tensor_view_new(q_rot, tq, 4, shape, pb.dtype, a->fn, "q_rot", &a->in.q_rot, &err)) goto fail_err;
+    }
+    a->out = out;
+    a->lse = lse ? lse : Py_None;
+    a->q_rot = q_rot ? q_rot : Py_None;
+    if (rebuild_with_outputs(a, &pb, &err)) goto fail_err;
     if (plan.tier == MF_TIER_CPU) {
         Py_BEGIN_ALLOW_THREADS
-        rc = mf_cpu_forward(&pb, plan.num_threads, &err);
+        rc = pb.app.present ? mf_cpu_append(&pb, plan.num_threads, &err) : MF_OK;
+        if (rc == MF_OK) rc = mf_cpu_forward(&pb, plan.num_threads, &err);
         Py_END_ALLOW_THREADS
     } else {
-        rc = run_metal(&a, &pb, plan.tier, &stream_plan, &err);
+        rc = run_metal(a, &pb, plan.tier, &stream_plan, &err);
     }
     if (rc) goto fail_err;
     PyObject *res = Py_BuildValue("(OOsO)", out, lse ? lse : Py_None, mf_tier_name(plan.tier),
                                   stream_plan ? stream_plan : Py_None);
     Py_DECREF(out);
     Py_XDECREF(lse);
+    Py_XDECREF(q_rot);
     Py_XDECREF(stream_plan);
     return res;
 fail_err:
@@ -210,11 +266,39 @@ fail_err:
 fail:
     Py_XDECREF(out);
     Py_XDECREF(lse);
+    Py_XDECREF(q_rot);
     Py_XDECREF(stream_plan);
     return NULL;
 }
 
-#define PLAN_FORMAT "sOOO|OOLLOpLLdOpOOiOO:plan"
+static PyObject *py_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    call_args a;
+    if (!parse(args, kwargs, FORWARD_FORMAT, &a)) return NULL;
+    return run_call(&a);
+}
+
+PyDoc_STRVAR(kvcache_doc,
+"kvcache($module, /, fn, q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,\n"
+"        cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,\n"
+"        softmax_scale=None, causal=False, window_left=-1, window_right=-1, softcap=0.0,\n"
+"        rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_lse=False,\n"
+"        kv_index_device=None, cache_seqlens_device=None, cache_leftpad_device=None)\n--\n\n"
+"flash_attn_with_kvcache's core: validates the whole call (nothing is written when it is\n"
+"refused), appends k/v into the cache (rotated k when rotary_cos/sin are given), then runs\n"
+"attention of q (rotated likewise) over the updated cache. Index tensors (cache_seqlens,\n"
+"cache_batch_idx, cache_leftpad, block_table) must be int32 and readable on the CPU; the\n"
+"*_device copies are what the Metal tiers bind. Returns (out, lse or None, tier, stream_plan)\n"
+"like forward(); for the 'reference' tier nothing is computed or written.");
+
+static PyObject *py_kvcache(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    call_args a;
+    if (!parse_kvcache(args, kwargs, &a)) return NULL;
+    return run_call(&a);
+}
+
+#define PLAN_FORMAT "sOOO|OOLLOpLLdOpOOiOOOO:plan"
 
 PyDoc_STRVAR(plan_doc,
 "plan($module, /, fn, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,\n"
@@ -236,7 +320,7 @@ static PyObject *py_plan(PyObject *self, PyObject *args, PyObject *kwargs) {
     return PyUnicode_FromString(mf_tier_name(plan.tier));
 }
 
-#define PARAMS_FORMAT "sOOO|OOLLOpLLdOpOOiOO:metal_params"
+#define PARAMS_FORMAT "sOOO|OOLLOpLLdOpOOiOOOO:metal_params"
 
 PyDoc_STRVAR(metal_params_doc,
 "metal_params($module, /, fn, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,\n"
@@ -317,7 +401,7 @@ static PyObject *py_metal_plan(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     PyObject *rest = PyTuple_GetSlice(args, 2, PyTuple_GET_SIZE(args));
     if (rest == NULL) return NULL;
-    int ok = parse(rest, kwargs, "sOOO|OOLLOpLLdOpOOiOO:metal_plan", &a);
+    int ok = parse(rest, kwargs, "sOOO|OOLLOpLLdOpOOiOOOO:metal_plan", &a);
     Py_DECREF(rest);
     if (!ok) return NULL;
     if (build(&a, &pb, &err)) return raise(&err);
@@ -434,9 +518,9 @@ PyDoc_STRVAR(build_info_doc, "build_info($module, /)\n--\n\nFacts about this bui
 static PyObject *py_build_info(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
-    return Py_BuildValue("{s:s,s:s,s:n,s:i}", "cpu_simd", mf_cpu_simd_path(), "metal",
+    return Py_BuildValue("{s:s,s:s,s:n,s:i,s:i}", "cpu_simd", mf_cpu_simd_path(), "metal",
                          mf_metal_build_info(), "params_size", (Py_ssize_t)sizeof(mf_params),
-                         "max_head_dim", MF_MAX_HEAD_DIM);
+                         "max_head_dim", MF_MAX_HEAD_DIM, "max_head_dim_v", MF_MAX_HEAD_DIM_V);
 }
 
 PyDoc_STRVAR(num_threads_doc, "num_threads($module, /)\n--\n\nCPU threads a call uses (MTLFLASH_NUM_THREADS or all cores).");
@@ -452,6 +536,7 @@ static PyObject *py_num_threads(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_VARARGS | METH_KEYWORDS, forward_doc},
+    {"kvcache", (PyCFunction)(void (*)(void))py_kvcache, METH_VARARGS | METH_KEYWORDS, kvcache_doc},
     {"metal_params", (PyCFunction)(void (*)(void))py_metal_params, METH_VARARGS | METH_KEYWORDS, metal_params_doc},
     {"plan", (PyCFunction)(void (*)(void))py_plan, METH_VARARGS | METH_KEYWORDS, plan_doc},
     {"metal_plan", (PyCFunction)(void (*)(void))py_metal_plan, METH_VARARGS | METH_KEYWORDS, metal_plan_doc},

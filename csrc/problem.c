@@ -115,12 +115,265 @@ static int check_cu_seqlens(const char *fn, const char *name, const mf_tensor *t
     return MF_OK;
 }
 
-int mf_problem_build(mf_problem *pb, const mf_tensor *q, const mf_tensor *k, const mf_tensor *v,
-                     const mf_tensor *out, const mf_tensor *lse, const mf_tensor *cu_q,
-                     const mf_tensor *cu_k, const mf_tensor *alibi, const mf_options *opt,
-                     mf_error *err) {
+/* A 1-D int32 index tensor readable on the CPU (the Python layer passes CPU copies of device
+ * tensors): (want,) entries, contiguous. FA2 requires int32 for every index argument. */
+static int check_index_vector(const char *fn, const char *name, const mf_tensor *t, int64_t want,
+                              mf_error *err) {
+    char b1[48];
+    if (t->dtype != MF_I32)
+        return mf_fail(err, MF_ERR_TYPE, "[%s] %s: expected dtype %s (FlashAttention-2 requires int32), got %s",
+                       fn, name, spell(t, MF_I32, b1, sizeof b1), t->dtype_repr);
+    if (t->ndim != 1 || t->shape[0] != want) {
+        char s[96];
+        shape_str(t, s, sizeof s);
+        return mf_fail(err, MF_ERR_VALUE, "[%s] %s: expected shape (%lld,) (one entry per sequence), got %s",
+                       fn, name, (long long)want, s);
+    }
+    if (t->device != MF_DEV_CPU || t->data == NULL)
+        return mf_fail(err, MF_ERR_VALUE, "[%s] %s: must be readable on the CPU", fn, name);
+    if (want > 1 && t->stride[0] != 1)
+        return mf_fail(err, MF_ERR_VALUE, "[%s] %s: must be contiguous, got stride %lld", fn, name,
+                       (long long)t->stride[0]);
+    return MF_OK;
+}
+
+/* The kv layout: dense strided K/V (optionally rows picked by cache_batch_idx), or paged through
+ * a block table; for a kv cache also the lengths, left padding, the rows to append and rotary.
+ * Sets p's k/v strides, flags, seqlen_k; checks every index against what it addresses. */
+static int build_kv_layout(mf_problem *pb, const mf_inputs *in, const mf_options *opt, int64_t B,
+                           int64_t Sq, int64_t Hk, int64_t D, int64_t Dv, mf_error *err) {
     const char *fn = opt->fn;
-    char b1[48], b2[48];
+    const mf_tensor *q = &in->q, *k = &in->k, *v = &in->v;
+    const mf_tensor *bt = &in->block_table;
+    mf_params *p = &pb->p;
+    char b1[48];
+    int rc;
+    const int paged = bt->present;
+    /* lengths of the key axis: capacity of each sequence's storage */
+    int64_t capacity;
+    if (paged) {
+        if (bt->dtype != MF_I32)
+            return mf_fail(err, MF_ERR_TYPE, "[%s] block_table: expected dtype %s (FlashAttention-2 requires "
+                           "int32), got %s", fn, spell(bt, MF_I32, b1, sizeof b1), bt->dtype_repr);
+        if (bt->ndim != 2 || bt->shape[0] != B) {
+            char s[96];
+            shape_str(bt, s, sizeof s);
+            return mf_fail(err, MF_ERR_VALUE, "[%s] block_table: expected shape (batch=%lld, max_blocks), got %s",
+                           fn, (long long)B, s);
+        }
+        if (bt->device != MF_DEV_CPU || bt->data == NULL)
+            return mf_fail(err, MF_ERR_VALUE, "[%s] block_table: must be readable on the CPU", fn);
+        if ((rc = check_last_stride(fn, "block_table", bt, err))) return rc;
+        if (in->cache_batch_idx.present)
+            return mf_fail(err, MF_ERR_VALUE, "[%s] cache_batch_idx: cannot be combined with block_table (a "
+                           "paged cache picks each sequence's blocks through block_table)", fn);
+        if (k->shape[1] < 1)
+            return mf_fail(err, MF_ERR_VALUE, "[%s] k_cache: page size (dimension 1) must be >= 1, got %lld",
+                           fn, (long long)k->shape[1]);
+        if ((rc = check_dim(fn, "v_cache", "number of blocks", v->shape[0], "k_cache", k->shape[0], err))) return rc;
+        if ((rc = check_dim(fn, "v_cache", "page size", v->shape[1], "k_cache", k->shape[1], err))) return rc;
+        if (k->shape[1] > MF_MAX_SEQLEN || bt->shape[1] > MF_MAX_SEQLEN / k->shape[1])
+            return mf_fail(err, MF_ERR_VALUE, "[%s] block_table: max_blocks x page size exceeds 2**30 keys", fn);
+        capacity = bt->shape[1] * k->shape[1];
+        pb->num_blocks = k->shape[0];
+        p->page_size = (mf_i32)k->shape[1];
+        p->block_table_stride_b = bt->stride[0];
+        p->flags |= MF_FLAG_PAGED;
+        pb->kv_index = (const int32_t *)bt->data;
+        pb->tkv_index = *bt;
+    } else {
+        capacity = k->shape[1];
+        if (opt->kvcache) {
+            const mf_tensor *bi = &in->cache_batch_idx;
+            if (bi->present) {
+                if ((rc = check_index_vector(fn, "cache_batch_idx", bi, B, err))) return rc;
+                const int32_t *idx = (const int32_t *)bi->data;
+                for (int64_t b = 0; b < B; b++)
+                    if (idx[b] < 0 || idx[b] >= k->shape[0])
+                        return mf_fail(err, MF_ERR_VALUE, "[%s] cache_batch_idx: entry %lld is %d, outside "
+                                       "[0, %lld) (the batch size of k_cache)", fn, (long long)b, idx[b],
+                                       (long long)k->shape[0]);
+                p->flags |= MF_FLAG_KV_BATCH_IDX;
+                pb->kv_index = idx;
+                pb->tkv_index = *bi;
+            } else if (k->shape[0] < B) {
+                return mf_fail(err, MF_ERR_VALUE, "[%s] k_cache: batch size %lld is smaller than q's %lld "
+                               "(pass cache_batch_idx to pick rows)", fn, (long long)k->shape[0], (long long)B);
+            }
+            if ((rc = check_dim(fn, "v_cache", "batch size", v->shape[0], "k_cache", k->shape[0], err))) return rc;
+        }
+    }
+    if (!opt->kvcache) { /* varlen over a paged cache: lengths from cu_seqlens_k */
+        const int32_t *cu = (const int32_t *)in->cu_k.data;
+        for (int64_t b = 0; b < B; b++)
+            if ((int64_t)cu[b + 1] - cu[b] > capacity)
+                return mf_fail(err, MF_ERR_VALUE, "[%s] cu_seqlens_k: sequence %lld has %lld keys, more than "
+                               "its block_table row holds (%lld blocks x page size %d = %lld)", fn, (long long)b,
+                               (long long)cu[b + 1] - cu[b], (long long)bt->shape[1], p->page_size,
+                               (long long)capacity);
+    }
+
+    /* kv cache: cache_seqlens, leftpad, the rows to append, rotary */
+    int64_t max_sk = opt->kvcache ? capacity : opt->max_seqlen_k;
+    if (opt->kvcache) {
+        const mf_tensor *cs = &in->cache_seqlens, *lp = &in->cache_leftpad;
+        const mf_tensor *kn = &in->k_new, *vn = &in->v_new, *cs_cos = &in->rotary_cos, *cs_sin = &in->rotary_sin;
+        mf_append *a = &pb->app;
+        int64_t s_new = 0;
+        if (kn->present != vn->present)
+            return mf_fail(err, MF_ERR_VALUE, "[%s] %s: k and v must be given together (got %s without %s)", fn,
+                           kn->present ? "v" : "k", kn->present ? "k" : "v", kn->present ? "v" : "k");
+        if (kn->present) {
+            if (!cs->present)
+                return mf_fail(err, MF_ERR_VALUE, "[%s] cache_seqlens: required when new k/v are appended (it "
+                               "says where they go), got None", fn);
+            const mf_tensor *nv[2] = {kn, vn};
+            const char *nn[2] = {"k", "v"};
+            const int64_t dims[2] = {D, Dv};
+            for (int i = 0; i < 2; i++) {
+                if ((rc = check_kind_and_device(fn, nn[i], nv[i], q, err))) return rc;
+                if (nv[i]->dtype != q->dtype)
+                    return mf_fail(err, MF_ERR_TYPE, "[%s] %s: dtype %s does not match q's dtype %s", fn, nn[i],
+                                   nv[i]->dtype_repr, q->dtype_repr);
+                if ((rc = check_ndim(fn, nn[i], nv[i], 4, "(batch, seqlen_new, heads_k, head_dim)", err))) return rc;
+                if ((rc = check_dim(fn, nn[i], "batch size", nv[i]->shape[0], "q", B, err))) return rc;
+                if ((rc = check_dim(fn, nn[i], "number of heads", nv[i]->shape[2], "k_cache", Hk, err))) return rc;
+                if ((rc = check_dim(fn, nn[i], "head dim", nv[i]->shape[3], i ? "v_cache" : "k_cache", dims[i], err)))
+                    return rc;
+                if ((rc = check_last_stride(fn, nn[i], nv[i], err))) return rc;
+            }
+            if ((rc = check_dim(fn, "v", "number of new rows", vn->shape[1], "k", kn->shape[1], err))) return rc;
+            s_new = kn->shape[1];
+            const mf_tensor *caches[2] = {k, v};
+            for (int i = 0; i < 2; i++)
+                if (caches[i]->readonly)
+                    return mf_fail(err, MF_ERR_VALUE, "[%s] %s: is read-only, but new rows are written into it "
+                                   "(pass a writable array)", fn, i ? "v_cache" : "k_cache");
+            a->present = 1;
+            a->seqlen_new = s_new;
+            a->k_new = kn->data;
+            a->v_new = vn->data;
+            for (int i = 0; i < 3; i++) {
+                a->kn_stride[i] = kn->stride[i];
+                a->vn_stride[i] = vn->stride[i];
+            }
+            a->tk_new = *kn;
+            a->tv_new = *vn;
+        }
+        if (cs_cos->present != cs_sin->present)
+            return mf_fail(err, MF_ERR_VALUE, "[%s] %s: rotary_cos and rotary_sin must be given together", fn,
+                           cs_cos->present ? "rotary_sin" : "rotary_cos");
+        if (cs_cos->present) {
+            if (!kn->present)
+                return mf_fail(err, MF_ERR_VALUE, "[%s] rotary_cos: rotary embedding is applied to the new k "
+                               "and q only, so k and v must be given too", fn);
+            const mf_tensor *rt[2] = {cs_cos, cs_sin};
+            const char *rn[2] = {"rotary_cos", "rotary_sin"};
+            for (int i = 0; i < 2; i++) {
+                if ((rc = check_kind_and_device(fn, rn[i], rt[i], q, err))) return rc;
+                if (rt[i]->dtype != q->dtype)
+                    return mf_fail(err, MF_ERR_TYPE, "[%s] %s: dtype %s does not match q's dtype %s", fn, rn[i],
+                                   rt[i]->dtype_repr, q->dtype_repr);
+                if (rt[i]->ndim != 2 || rt[i]->shape[1] < 1 || 2 * rt[i]->shape[1] > D) {
+                    char s[96];
+                    shape_str(rt[i], s, sizeof s);
+                    return mf_fail(err, MF_ERR_VALUE, "[%s] %s: expected shape (seqlen_ro, rotary_dim / 2) with "
+                                   "1 <= rotary_dim / 2 <= head_dim / 2 = %lld, got %s", fn, rn[i],
+                                   (long long)(D / 2), s);
+                }
+                if ((rc = check_last_stride(fn, rn[i], rt[i], err))) return rc;
+            }
+            if (cs_sin->shape[0] != cs_cos->shape[0] || cs_sin->shape[1] != cs_cos->shape[1])
+                return mf_fail(err, MF_ERR_VALUE, "[%s] rotary_sin: shape (%lld, %lld) does not match rotary_cos's "
+                               "(%lld, %lld)", fn, (long long)cs_sin->shape[0], (long long)cs_sin->shape[1],
+                               (long long)cs_cos->shape[0], (long long)cs_cos->shape[1]);
+            a->rotary_dim = (int)(2 * cs_cos->shape[1]);
+            a->interleaved = opt->rotary_interleaved;
+            a->q_per_row = opt->causal || opt->window_left >= 0 || opt->window_right >= 0;
+            a->seqlen_ro = cs_cos->shape[0];
+            a->cos = cs_cos->data;
+            a->sin = cs_sin->data;
+            a->cos_stride = cs_cos->stride[0];
+            a->sin_stride = cs_sin->stride[0];
+            a->tcos = *cs_cos;
+            a->tsin = *cs_sin;
+        }
+        if (cs->present) {
+            if ((rc = check_index_vector(fn, "cache_seqlens", cs, B, err))) return rc;
+            const int32_t *len = (const int32_t *)cs->data;
+            max_sk = 0;
+            for (int64_t b = 0; b < B; b++) {
+                if (len[b] < 0)
+                    return mf_fail(err, MF_ERR_VALUE, "[%s] cache_seqlens: entry %lld is %d; lengths must be >= 0",
+                                   fn, (long long)b, len[b]);
+                if ((int64_t)len[b] + s_new > capacity)
+                    return mf_fail(err, MF_ERR_VALUE,
+                                   "[%s] cache_seqlens: sequence %lld holds %d rows, and %lld new ones do not fit "
+                                   "the cache's capacity of %lld (%s)", fn, (long long)b, len[b], (long long)s_new,
+                                   (long long)capacity, paged ? "max_blocks x page size" : "k_cache.shape[1]");
+                if (len[b] + s_new > max_sk) max_sk = len[b] + s_new;
+                if (a->rotary_dim > 0) {
+                    /* positions rotated: new k at len + t, q at len (+ i when causal/local) */
+                    int64_t last = len[b] + (s_new > 0 ? s_new - 1 : 0);
+                    if (a->q_per_row && Sq > 0 && len[b] + Sq - 1 > last) last = len[b] + Sq - 1;
+                    if (last >= a->seqlen_ro)
+                        return mf_fail(err, MF_ERR_VALUE, "[%s] rotary_cos: has %lld positions, but sequence %lld "
+                                       "needs position %lld (cache_seqlens + row)", fn, (long long)a->seqlen_ro,
+                                       (long long)b, (long long)last);
+                }
+            }
+            p->flags |= MF_FLAG_SEQUSED_K;
+            p->seqlen_new = (mf_i32)s_new;
+            pb->seqused_k = len;
+            pb->tseqused_k = *cs;
+        }
+        if (lp->present) {
+            if ((rc = check_index_vector(fn, "cache_leftpad", lp, B, err))) return rc;
+            const int32_t *pad = (const int32_t *)lp->data;
+            for (int64_t b = 0; b < B; b++) {
+                const int64_t len = cs->present ? ((const int32_t *)cs->data)[b] : capacity;
+                if (pad[b] < 0 || pad[b] > len)
+                    return mf_fail(err, MF_ERR_VALUE, "[%s] cache_leftpad: entry %lld is %d, outside [0, %lld] "
+                                   "(the first valid key cannot lie past %s)", fn, (long long)b, pad[b],
+                                   (long long)len, cs->present ? "cache_seqlens" : "the cache's end");
+            }
+            p->flags |= MF_FLAG_LEFTPAD_K;
+            pb->leftpad_k = pad;
+            pb->tleftpad_k = *lp;
+        }
+        if (opt->num_splits < 0)
+            return mf_fail(err, MF_ERR_VALUE, "[%s] num_splits: expected 0 (heuristic), 1 (no split) or more, got %lld",
+                           fn, (long long)opt->num_splits);
+        pb->num_splits_req = (int)(opt->num_splits > 128 ? 128 : opt->num_splits);
+    }
+    if (paged) { /* every block a sequence reads or writes lies in the cache */
+        const int32_t *tab = (const int32_t *)bt->data;
+        for (int64_t b = 0; b < B; b++) {
+            int64_t len = capacity;
+            if (!opt->kvcache)
+                len = (int64_t)((const int32_t *)in->cu_k.data)[b + 1] - ((const int32_t *)in->cu_k.data)[b];
+            else if (in->cache_seqlens.present)
+                len = (int64_t)((const int32_t *)in->cache_seqlens.data)[b] + pb->app.seqlen_new;
+            const int64_t used = (len + p->page_size - 1) / p->page_size;
+            for (int64_t i = 0; i < used; i++) {
+                const int32_t blk = tab[b * bt->stride[0] + i];
+                if (blk < 0 || blk >= pb->num_blocks)
+                    return mf_fail(err, MF_ERR_VALUE, "[%s] block_table: entry (%lld, %lld) is %d, outside [0, %lld) "
+                                   "(the number of blocks in k_cache)", fn, (long long)b, (long long)i, blk,
+                                   (long long)pb->num_blocks);
+            }
+        }
+    }
+    if (opt->kvcache) p->seqlen_k = (mf_i32)max_sk;
+    (void)Sq;
+    return MF_OK;
+}
+
+int mf_problem_build(mf_problem *pb, const mf_inputs *in, const mf_options *opt, mf_error *err) {
+    const char *fn = opt->fn;
+    const mf_tensor *q = &in->q, *k = &in->k, *v = &in->v, *out = &in->out, *lse = &in->lse;
+    const mf_tensor *cu_q = &in->cu_q, *cu_k = &in->cu_k, *alibi = &in->alibi;
+    char b1[48];
     int rc;
     memset(pb, 0, sizeof *pb);
     pb->fn = fn;
@@ -134,8 +387,9 @@ int mf_problem_build(mf_problem *pb, const mf_tensor *q, const mf_tensor *k, con
         return mf_fail(err, MF_ERR_VALUE,
                        "[%s] q: CUDA tensors are not served by mtlflash; on NVIDIA GPUs install the "
                        "flash-attn package (pip install flash-attn)", fn);
+    const int kvcache = opt->kvcache, paged = in->block_table.present;
     const mf_tensor *kv[2] = {k, v};
-    const char *kv_name[2] = {"k", "v"};
+    const char *kv_name[2] = {kvcache ? "k_cache" : "k", kvcache ? "v_cache" : "v"};
     for (int i = 0; i < 2; i++) {
         if ((rc = check_kind_and_device(fn, kv_name[i], kv[i], q, err))) return rc;
         if (kv[i]->dtype != q->dtype)
@@ -143,53 +397,63 @@ int mf_problem_build(mf_problem *pb, const mf_tensor *q, const mf_tensor *k, con
                            kv_name[i], kv[i]->dtype_repr, q->dtype_repr);
     }
 
-    /* shapes */
+    /* shapes: q/out have a batch axis unless varlen; K/V have one unless varlen and not paged */
     const int varlen = opt->varlen;
-    const int nd = varlen ? 3 : 4;
+    const int nd = varlen ? 3 : 4, ndk = (varlen && !paged) ? 3 : 4;
     const char *layout_q = varlen ? "(total_q, heads, head_dim)" : "(batch, seqlen_q, heads, head_dim)";
-    const char *layout_k = varlen ? "(total_k, heads_k, head_dim)" : "(batch, seqlen_k, heads_k, head_dim)";
+    const char *layout_k = paged ? "(num_blocks, page_size, heads_k, head_dim)"
+                           : varlen ? "(total_k, heads_k, head_dim)"
+                           : kvcache ? "(batch_cache, seqlen_cache, heads_k, head_dim)"
+                                     : "(batch, seqlen_k, heads_k, head_dim)";
     if ((rc = check_ndim(fn, "q", q, nd, layout_q, err))) return rc;
-    if ((rc = check_ndim(fn, "k", k, nd, layout_k, err))) return rc;
-    if ((rc = check_ndim(fn, "v", v, nd, layout_k, err))) return rc;
-    const int o = varlen ? 0 : 1; /* index of the sequence dimension */
+    if ((rc = check_ndim(fn, kv_name[0], k, ndk, layout_k, err))) return rc;
+    if ((rc = check_ndim(fn, kv_name[1], v, ndk, layout_k, err))) return rc;
+    const int o = varlen ? 0 : 1;   /* index of q's sequence dimension */
+    const int ok_ = ndk - 3;        /* index of k's sequence (or page slot) dimension */
     int64_t B = varlen ? 0 : q->shape[0];
-    int64_t Sq = q->shape[o], Sk = k->shape[o];
-    int64_t Hq = q->shape[o + 1], Hk = k->shape[o + 1];
-    int64_t D = q->shape[o + 2], Dv = v->shape[o + 2];
-    if (!varlen) {
+    int64_t Sq = q->shape[o], Sk = k->shape[ok_];
+    int64_t Hq = q->shape[o + 1], Hk = k->shape[ok_ + 1];
+    int64_t D = q->shape[o + 2], Dv = v->shape[ok_ + 2];
+    if (!varlen && !kvcache) {
         if ((rc = check_dim(fn, "k", "batch size", k->shape[0], "q", B, err))) return rc;
         if ((rc = check_dim(fn, "v", "batch size", v->shape[0], "q", B, err))) return rc;
     }
-    if ((rc = check_dim(fn, "v", varlen ? "number of rows" : "sequence length", v->shape[o], "k", Sk, err)))
-        return rc;
+    if (!paged && !kvcache)
+        if ((rc = check_dim(fn, kv_name[1], varlen ? "number of rows" : "sequence length", v->shape[ok_],
+                            kv_name[0], Sk, err)))
+            return rc;
+    if (kvcache && !paged)
+        if ((rc = check_dim(fn, "v_cache", "sequence length", v->shape[1], "k_cache", Sk, err))) return rc;
     if (Hq < 1) return mf_fail(err, MF_ERR_VALUE, "[%s] q: needs at least one head, got %lld", fn, (long long)Hq);
-    if (Hk < 1) return mf_fail(err, MF_ERR_VALUE, "[%s] k: needs at least one head, got %lld", fn, (long long)Hk);
-    if ((rc = check_dim(fn, "v", "number of heads", v->shape[o + 1], "k", Hk, err))) return rc;
+    if (Hk < 1)
+        return mf_fail(err, MF_ERR_VALUE, "[%s] %s: needs at least one head, got %lld", fn, kv_name[0], (long long)Hk);
+    if ((rc = check_dim(fn, kv_name[1], "number of heads", v->shape[ok_ + 1], kv_name[0], Hk, err))) return rc;
     if (Hq % Hk != 0)
         return mf_fail(err, MF_ERR_VALUE,
-                       "[%s] k: its %lld heads must divide q's %lld heads (grouped-query attention "
-                       "needs heads_q %% heads_k == 0)", fn, (long long)Hk, (long long)Hq);
-    if ((rc = check_dim(fn, "k", "head dim", k->shape[o + 2], "q", D, err))) return rc;
+                       "[%s] %s: its %lld heads must divide q's %lld heads (grouped-query attention "
+                       "needs heads_q %% heads_k == 0)", fn, kv_name[0], (long long)Hk, (long long)Hq);
+    if ((rc = check_dim(fn, kv_name[0], "head dim", k->shape[ok_ + 2], "q", D, err))) return rc;
     if (D < 1 || D > MF_MAX_HEAD_DIM)
         return mf_fail(err, MF_ERR_VALUE, "[%s] q: head dim must be between 1 and %d, got %lld", fn,
                        MF_MAX_HEAD_DIM, (long long)D);
-    if (Dv < 1 || Dv > MF_MAX_HEAD_DIM)
-        return mf_fail(err, MF_ERR_VALUE, "[%s] v: head dim must be between 1 and %d, got %lld", fn,
-                       MF_MAX_HEAD_DIM, (long long)Dv);
+    if (Dv < 1 || Dv > MF_MAX_HEAD_DIM_V)
+        return mf_fail(err, MF_ERR_VALUE, "[%s] %s: head dim must be between 1 and %d, got %lld", fn, kv_name[1],
+                       MF_MAX_HEAD_DIM_V, (long long)Dv);
     if ((rc = check_last_stride(fn, "q", q, err))) return rc;
-    if ((rc = check_last_stride(fn, "k", k, err))) return rc;
-    if ((rc = check_last_stride(fn, "v", v, err))) return rc;
+    if ((rc = check_last_stride(fn, kv_name[0], k, err))) return rc;
+    if ((rc = check_last_stride(fn, kv_name[1], v, err))) return rc;
     if (!varlen && (Sq > MF_MAX_SEQLEN || Sk > MF_MAX_SEQLEN))
         return mf_fail(err, MF_ERR_VALUE, "[%s] %s: sequence length %lld exceeds the supported 2**30",
-                       fn, Sq > MF_MAX_SEQLEN ? "q" : "k", (long long)(Sq > Sk ? Sq : Sk));
+                       fn, Sq > MF_MAX_SEQLEN ? "q" : kv_name[0], (long long)(Sq > Sk ? Sq : Sk));
     if (B > INT32_MAX || Hq > INT32_MAX)
         return mf_fail(err, MF_ERR_VALUE, "[%s] q: batch or head count exceeds 2**31 - 1", fn);
 
-    /* varlen offsets */
+    /* varlen offsets (a paged varlen call takes only lengths from cu_seqlens_k) */
     if (varlen) {
         if ((rc = check_cu_seqlens(fn, "cu_seqlens_q", cu_q, Sq, "q", opt->max_seqlen_q, "max_seqlen_q", err)))
             return rc;
-        if ((rc = check_cu_seqlens(fn, "cu_seqlens_k", cu_k, Sk, "k", opt->max_seqlen_k, "max_seqlen_k", err)))
+        if ((rc = check_cu_seqlens(fn, "cu_seqlens_k", cu_k, paged ? INT32_MAX : Sk, "k", opt->max_seqlen_k,
+                                   "max_seqlen_k", err)))
             return rc;
         if (cu_k->shape[0] != cu_q->shape[0])
             return mf_fail(err, MF_ERR_VALUE,
@@ -204,6 +468,8 @@ int mf_problem_build(mf_problem *pb, const mf_tensor *q, const mf_tensor *k, con
         pb->tcu_q = *cu_q;
         pb->tcu_k = *cu_k;
     }
+    if (paged || kvcache)
+        if ((rc = build_kv_layout(pb, in, opt, B, Sq, Hk, D, Dv, err))) return rc;
 
     /* ALiBi slopes: fp32 (Hq,) or (B, Hq) */
     if (alibi->present) {
@@ -244,12 +510,12 @@ int mf_problem_build(mf_problem *pb, const mf_tensor *q, const mf_tensor *k, con
     p->q_stride_b = varlen ? 0 : qs[0];
     p->q_stride_s = qs[o];
     p->q_stride_h = qs[o + 1];
-    p->k_stride_b = varlen ? 0 : ks[0];
-    p->k_stride_s = ks[o];
-    p->k_stride_h = ks[o + 1];
-    p->v_stride_b = varlen ? 0 : vs[0];
-    p->v_stride_s = vs[o];
-    p->v_stride_h = vs[o + 1];
+    p->k_stride_b = ndk == 4 ? ks[0] : 0;
+    p->k_stride_s = ks[ok_];
+    p->k_stride_h = ks[ok_ + 1];
+    p->v_stride_b = ndk == 4 ? vs[0] : 0;
+    p->v_stride_s = vs[ok_];
+    p->v_stride_h = vs[ok_ + 1];
     p->batch = (mf_i32)B;
     p->heads_q = (mf_i32)Hq;
     p->heads_k = (mf_i32)Hk;
@@ -257,7 +523,7 @@ int mf_problem_build(mf_problem *pb, const mf_tensor *q, const mf_tensor *k, con
     p->head_dim = (mf_i32)D;
     p->head_dim_v = (mf_i32)Dv;
     p->seqlen_q = (mf_i32)(varlen ? opt->max_seqlen_q : Sq);
-    p->seqlen_k = (mf_i32)(varlen ? opt->max_seqlen_k : Sk);
+    if (!kvcache) p->seqlen_k = (mf_i32)(varlen ? opt->max_seqlen_k : Sk); /* kv cache: set by build_kv_layout */
     p->window_left = (mf_i32)wl;
     p->window_right = (mf_i32)wr;
     p->num_splits = 1;
@@ -277,6 +543,24 @@ int mf_problem_build(mf_problem *pb, const mf_tensor *q, const mf_tensor *k, con
     pb->tq = *q;
     pb->tk = *k;
     pb->tv = *v;
+
+    /* the rotated q the append pass writes, read by attention in place of q */
+    if (mf_problem_rotates_q(pb) && in->q_rot.present) {
+        const mf_tensor *qr = &in->q_rot;
+        int ok = qr->ndim == 4 && qr->dtype == q->dtype && qr->device == q->device && qr->is_numpy == q->is_numpy;
+        for (int i = 0; ok && i < 4; i++) ok = qr->shape[i] == q->shape[i];
+        if (!ok) return mf_fail(err, MF_ERR_VALUE, "[%s] q_rot: wrong shape, dtype or device", fn);
+        if ((rc = check_last_stride(fn, "q_rot", qr, err))) return rc;
+        mf_append *a = &pb->app;
+        a->q_src = q->data;
+        for (int i = 0; i < 3; i++) a->qs_stride[i] = q->stride[i];
+        a->tq_src = *q;
+        p->q_stride_b = qr->stride[0];
+        p->q_stride_s = qr->stride[1];
+        p->q_stride_h = qr->stride[2];
+        pb->q = qr->data;
+        pb->tq = *qr;
+    }
 
     /* outputs (allocated by the caller from mf_problem_out_shape / mf_problem_lse_shape) */
     if (out->present) {
@@ -306,7 +590,6 @@ int mf_problem_build(mf_problem *pb, const mf_tensor *q, const mf_tensor *k, con
         pb->lse = (float *)lse->data;
         pb->tlse = *lse;
     }
-    (void)b2;
     return MF_OK;
 }
 

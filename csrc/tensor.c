@@ -147,6 +147,7 @@ static int view_numpy(PyArrayObject *a, const char *fn, const char *arg, mf_tens
         t->stride[i] = item > 0 ? s / item : 0;
     }
     t->data = PyArray_DATA(a);
+    t->readonly = !PyArray_ISWRITEABLE(a);
     return MF_OK;
 }
 

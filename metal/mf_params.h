@@ -12,14 +12,26 @@
  *   k  + b*k_stride_b  + (start_k(b) + j)*k_stride_s  + (h / group)*k_stride_h
  *   o  + b*o_stride_b  + (start_q(b) + i)*o_stride_s  + h*o_stride_h
  *   lse[b*lse_stride_b + h*lse_stride_h + start_q(b) + i]
- * Varlen problems have every *_stride_b == 0. Dense lse is (B, Hq, Sq); varlen lse is (Hq, total_q).
+ * Varlen problems have every q/o *_stride_b == 0. Dense lse is (B, Hq, Sq); varlen lse is (Hq, total_q).
+ *
+ * KV layouts: where key j of sequence b lives (kv head g = h / group; V likewise with v_*):
+ *   dense:  k + kvb(b)*k_stride_b + (start_k(b) + j)*k_stride_s + g*k_stride_h,
+ *           kvb(b) = (flags & MF_FLAG_KV_BATCH_IDX) ? kv_batch_idx[b] : b   (k_stride_b = 0 in varlen)
+ *   paged (MF_FLAG_PAGED): blk = block_table[b*block_table_stride_b + j / page_size],
+ *           k + blk*k_stride_b + (j % page_size)*k_stride_s + g*k_stride_h   (start_k(b) = 0; the
+ *           k/v tensors are (num_blocks, page_size, heads_k, dim) and k_stride_b is a block's stride)
+ * The KV-batch index and the block table share one buffer slot (they never come together).
  *
  * Lengths: dense: seqlen_q / seqlen_k. Varlen: sq_b = cu_seqlens_q[b+1] - cu_seqlens_q[b] (and k
- * likewise); seqlen_q / seqlen_k then hold the maxima (for grid sizing).
+ * likewise); seqlen_q / seqlen_k then hold the maxima (for grid sizing). With MF_FLAG_SEQUSED_K
+ * (a kv cache): sk_b = seqused_k[b] + seqlen_new, i.e. the cache's length before the call plus the
+ * rows appended in it; seqlen_k then holds the maximum over b.
  *
  * Masking (per sequence, offset = sk_b - sq_b, bottom-right aligned): query i sees key j iff
- *   0 <= j < sk_b, and (window_left  < 0 || j >= i + offset - window_left)
- *                  and (window_right < 0 || j <= i + offset + window_right).
+ *   lo_b <= j < sk_b, and (window_left  < 0 || j >= i + offset - window_left)
+ *                     and (window_right < 0 || j <= i + offset + window_right),
+ * lo_b = (flags & MF_FLAG_LEFTPAD_K) ? leftpad_k[b] : 0 (a left-padded cache: keys before it
+ * are padding; alignment and ALiBi distances stay in absolute key positions).
  * causal is window_right == 0 (MF_FLAG_CAUSAL is set as well, for information only).
  *
  * Score of a visible pair, in natural-log units:
@@ -45,6 +57,10 @@ typedef int32_t mf_i32;
 #define MF_FLAG_SOFTCAP 4 /* softcap > 0 */
 #define MF_FLAG_LSE 8     /* write lse */
 #define MF_FLAG_CAUSAL 16 /* informational: window_right == 0 came from causal=True */
+#define MF_FLAG_PAGED 32        /* K/V addressed through the block table (slot MF_SLOT_KV_INDEX) */
+#define MF_FLAG_KV_BATCH_IDX 64 /* dense K/V rows picked per sequence (slot MF_SLOT_KV_INDEX) */
+#define MF_FLAG_SEQUSED_K 128   /* per-sequence key lengths: seqused_k[b] + seqlen_new */
+#define MF_FLAG_LEFTPAD_K 256   /* per-sequence first valid key: leftpad_k[b] */
 
 /* Fixed buffer slots of every attention kernel (the bridge and the emulator bind by these).
  * Unused slots are bound to a small dummy buffer. */
@@ -58,7 +74,10 @@ typedef int32_t mf_i32;
 #define MF_SLOT_ALIBI 7
 #define MF_SLOT_SCRATCH 8 /* fp32 workspace, e.g. split-KV partials */
 #define MF_SLOT_PARAMS 9  /* this struct, by value (setBytes) */
-#define MF_NUM_SLOTS 10
+#define MF_SLOT_KV_INDEX 10 /* int32: block table (B, max_blocks) or kv batch index (B,) */
+#define MF_SLOT_SEQUSED_K 11 /* int32 (B,): cache lengths before the call */
+#define MF_SLOT_LEFTPAD_K 12 /* int32 (B,): first valid key per sequence */
+#define MF_NUM_SLOTS 13
 
 typedef struct mf_params {
     /* element strides: batch, token, head (head dim stride is always 1) */
@@ -68,6 +87,7 @@ typedef struct mf_params {
     mf_i64 o_stride_b, o_stride_s, o_stride_h;
     mf_i64 lse_stride_b, lse_stride_h;
     mf_i64 alibi_stride_b; /* 0 when the slopes are (H,), H when (B, H) */
+    mf_i64 block_table_stride_b; /* paged: elements between two rows of the block table */
     /* sizes */
     mf_i32 batch;
     mf_i32 heads_q, heads_k, group; /* group = heads_q / heads_k */
@@ -77,6 +97,8 @@ typedef struct mf_params {
     mf_i32 flags;
     mf_i32 num_splits; /* split-KV decode: key splits per row (1 = no split) */
     mf_i32 split_size; /* keys per split when num_splits > 1 */
+    mf_i32 page_size;  /* paged: keys per block */
+    mf_i32 seqlen_new; /* kv cache: rows appended by this call (counted in sk_b) */
     mf_i32 reserved0;
     /* scalars */
     float scale;      /* softmax scale, natural units */
@@ -85,6 +107,6 @@ typedef struct mf_params {
     float reserved1;
 } mf_params;
 
-#define MF_PARAMS_SIZE 192
+#define MF_PARAMS_SIZE 208
 
 #endif /* MF_PARAMS_H */

@@ -60,10 +60,10 @@ def test_dropout_not_implemented():
         mtlflash.flash_attn_func(q, k, v, dropout_p=0.1)
 
 
-def test_block_table_not_implemented():
+def test_block_table_needs_a_paged_cache():
     q = torch.randn(8, 2, 16)
     cu = torch.tensor([0, 8], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="block_table"):
+    with pytest.raises(ValueError, match=r"k: expected 4 dimensions \(num_blocks, page_size"):
         mtlflash.flash_attn_varlen_func(q, q, q, cu, cu, 8, 8, block_table=torch.zeros(1, 1, dtype=torch.int32))
 
 
@@ -123,8 +123,8 @@ BAD = [
     ("v heads differ", dense(v=_q(1, 8, 1, 16)), ValueError, "v: number of heads"),
     ("Hq % Hk", dense(q=_q(1, 8, 3, 16)), ValueError, "k: its 2 heads must divide q's 3"),
     ("head dim differs", dense(k=_q(1, 8, 2, 32), v=_q(1, 8, 2, 32)), ValueError, "k: head dim"),
-    ("D > 256", dense(q=_q(1, 8, 2, 264), k=_q(1, 8, 2, 264), v=_q(1, 8, 2, 264)), ValueError, "q: head dim"),
-    ("Dv > 256", dense(v=_q(1, 8, 2, 300)), ValueError, "v: head dim"),
+    ("D > 576", dense(q=_q(1, 8, 2, 584), k=_q(1, 8, 2, 584), v=_q(1, 8, 2, 64)), ValueError, "q: head dim"),
+    ("Dv > 512", dense(v=_q(1, 8, 2, 520)), ValueError, "v: head dim"),
     ("non-unit last stride", dense(q=_q(1, 8, 2, 32)[..., ::2]), ValueError, "q: the last dimension"),
     ("q a list", dense(q=[[1.0]]), TypeError, "q: expected a torch.Tensor or numpy.ndarray"),
     ("k None", dense(k=None), TypeError, "k: expected a torch.Tensor"),
@@ -335,15 +335,15 @@ def test_metal_params_packing():
     out = torch.empty(2, 10, 4, 32)
     lse = torch.empty(2, 4, 10)
     blob = mtlflash.metal_params(q, k, v, out, lse, causal=True, softcap=3.0, num_splits=3)
-    assert len(blob) == mtlflash.backend_info()["max_head_dim"] * 0 + 192
+    assert len(blob) == 208
     strides = struct.unpack_from("<15q", blob, 0)
     assert strides[:3] == (q.stride(0), q.stride(1), q.stride(2))
-    ints = struct.unpack_from("<14i", blob, 120)
+    ints = struct.unpack_from("<16i", blob, 128)
     batch, hq, hk, group, d, dv, sq, sk, wl, wr, flags, nsplit, split = ints[:13]
     assert (batch, hq, hk, group, d, dv, sq, sk, wl, wr) == (2, 4, 4, 1, 32, 32, 10, 10, -1, 0)
     assert (nsplit, split) == (3, 4)
     assert flags == 4 | 8 | 16  # softcap, lse, causal
-    scale, scale_log2, softcap = struct.unpack_from("<3f", blob, 176)
+    scale, scale_log2, softcap = struct.unpack_from("<3f", blob, 192)
     assert abs(scale - 32 ** -0.5) < 1e-7 and abs(softcap - 3.0) < 1e-7
 
 

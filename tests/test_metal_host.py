@@ -60,7 +60,7 @@ def plan(tier="vec", B=1, sq=16, sk=16, hq=4, hk=2, d=64, dv=None, dtype=torch.f
 
 
 def params_of(p):
-    ints = struct.unpack_from("<14i", p["params"], 120)
+    ints = struct.unpack_from("<16i", p["params"], 128)
     return dict(zip(["batch", "heads_q", "heads_k", "group", "head_dim", "head_dim_v", "seqlen_q", "seqlen_k",
                      "window_left", "window_right", "flags", "num_splits", "split_size"], ints))
 

@@ -180,13 +180,50 @@ static void touch_rows(const char *base, int64_t stride, int64_t bytes, int64_t 
     }
 }
 
+/* Keys [j, j + n) of sequence b, kv head hk (start_k: the sequence's first row in dense varlen
+ * K/V): the length of the leading run of them stored at the row stride (all n for dense K/V; up
+ * to the end of j's block when paged) and the addresses of its first K and V rows. Every K/V
+ * access goes through here, so a paged cache is read in place, block by block. */
+static int64_t kv_run(const job *jb, int b, int hk, int64_t start_k, int64_t j, int64_t n, const char **kp,
+                      const char **vp) {
+    const mf_problem *pb = jb->pb;
+    const mf_params *p = &pb->p;
+    const int64_t es = (int64_t)jb->esize;
+    int64_t kb, row, len = n;
+    if (p->flags & MF_FLAG_PAGED) {
+        const int64_t page = j / p->page_size;
+        row = j - page * p->page_size;
+        kb = pb->kv_index[b * p->block_table_stride_b + page];
+        if (p->page_size - row < len) len = p->page_size - row;
+    } else {
+        kb = mf_problem_kv_batch(pb, b);
+        row = start_k + j;
+    }
+    *kp = (const char *)pb->k + (kb * p->k_stride_b + row * p->k_stride_s + (int64_t)hk * p->k_stride_h) * es;
+    *vp = (const char *)pb->v + (kb * p->v_stride_b + row * p->v_stride_s + (int64_t)hk * p->v_stride_h) * es;
+    return len;
+}
+
+/* prefetches the K and V rows of keys [j0, j1] of sequence b, kv head hk */
+static void prefetch_keys(const job *jb, int b, int hk, int64_t start_k, int64_t j0, int64_t j1) {
+    const mf_params *p = &jb->pb->p;
+    const int64_t es = (int64_t)jb->esize;
+    const char *kp, *vp;
+    for (int64_t j = j0, len; j <= j1; j += len) {
+        len = kv_run(jb, b, hk, start_k, j, j1 - j + 1, &kp, &vp);
+        prefetch_rows(kp, p->k_stride_s * es, p->head_dim * es, 0, len - 1);
+        prefetch_rows(vp, p->v_stride_s * es, p->head_dim_v * es, 0, len - 1);
+    }
+}
+
 /* one (item, split) in progress */
 typedef struct ustate {
     int64_t unit;
     item_desc it;
     wspace w;
     int64_t ks, ke, maxlo, minhi; /* keys of this unit; mask bounds over the item's columns */
-    const char *kbase, *vbase;
+    int hk;                       /* the item's kv head */
+    const char *kbase, *vbase;    /* dense K/V: key 0 of the item's sequence and kv head (span_touch) */
 } ustate;
 
 static void unit_init(const job *jb, int64_t unit, int worker, int slot, ustate *u) {
@@ -210,6 +247,7 @@ static void unit_init(const job *jb, int64_t unit, int worker, int slot, ustate 
     const float qscale = post ? p->scale : p->scale_log2;
     memset(w->QT, 0, sizeof(float) * (size_t)D * cp);
     int64_t kmin = INT64_MAX, kmax = -1, maxlo = -1, minhi = INT64_MAX;
+    const int64_t key_lo = mf_problem_key_lo(pb, it->b); /* a left-padded cache: keys before it are padding */
     for (int c = 0; c < cols; c++) {
         const int h = it->h0 + c / m;
         const int64_t i = it->i0 + c % m;
@@ -221,7 +259,7 @@ static void unit_init(const job *jb, int64_t unit, int worker, int slot, ustate 
             kn->load(w->row, qrow, D, pb->dtype, qscale);
             for (int d = 0; d < D; d++) w->QT[(size_t)d * cp + c] = w->row[d];
         }
-        int64_t l = 0, hi = it->sk - 1;
+        int64_t l = key_lo, hi = it->sk - 1;
         if (p->window_left >= 0 && i + off - p->window_left > l) l = i + off - p->window_left;
         if (p->window_right >= 0 && i + off + p->window_right < hi) hi = i + off + p->window_right;
         if (l > it->sk) l = it->sk;
@@ -259,14 +297,15 @@ static void unit_init(const job *jb, int64_t unit, int worker, int slot, ustate 
         u->ks = kmin + split * ss;
         u->ke = u->ks + ss - 1 < kmax ? u->ks + ss - 1 : kmax;
     }
-    const int hk = it->h0 / p->group;
-    u->kbase = (const char *)pb->k + (it->b * p->k_stride_b + it->start_k * p->k_stride_s + (int64_t)hk * p->k_stride_h) * es;
-    u->vbase = (const char *)pb->v + (it->b * p->v_stride_b + it->start_k * p->v_stride_s + (int64_t)hk * p->v_stride_h) * es;
+    u->hk = it->h0 / p->group;
+    u->kbase = u->vbase = NULL;
+    if (!(p->flags & MF_FLAG_PAGED)) kv_run(jb, it->b, u->hk, it->start_k, 0, 1, &u->kbase, &u->vbase);
     if (u->ks <= u->ke && jb->pk == NULL) {
         const int64_t last = u->ke < u->ks + jb->bn - 1 ? u->ke : u->ks + jb->bn - 1;
-        prefetch_rows(u->kbase, p->k_stride_s * es, D * es, u->ks, last);
-        prefetch_rows(u->vbase, p->v_stride_s * es, Dv * es, u->ks, last);
+        prefetch_keys(jb, it->b, u->hk, it->start_k, u->ks, last);
     }
+    (void)es;
+    (void)Dv;
 }
 
 /* the tile of keys starting at j0 (ks <= j0 <= ke) */
@@ -280,6 +319,10 @@ static void unit_tile(const job *jb, ustate *u, int64_t j0) {
     const int post = (p->flags & (MF_FLAG_SOFTCAP | MF_FLAG_ALIBI)) != 0;
     const int n = (int)(u->ke - j0 + 1 < jb->bn ? u->ke - j0 + 1 : jb->bn);
     const float *Kt = w->K, *Vt = w->V;
+    const int64_t kst = p->k_stride_s * es, vst = p->v_stride_s * es;
+    const item_desc *it = &u->it;
+    const char *kp, *vp;
+    int64_t len;
     if (jb->pk != NULL) { /* shared packing */
         Kt = jb->pk + j0 * D;
         Vt = jb->pv + j0 * dvp;
@@ -287,13 +330,19 @@ static void unit_tile(const job *jb, ustate *u, int64_t j0) {
         if (!jb->span_touch) { /* the next tile streams in from memory while this one is computed */
             const int64_t jn = j0 + MF_PREFETCH_TILES * jb->bn;
             const int64_t jn_end = u->ke < jn + jb->bn - 1 ? u->ke : jn + jb->bn - 1;
-            prefetch_rows(u->kbase, p->k_stride_s * es, D * es, jn, jn_end);
-            prefetch_rows(u->vbase, p->v_stride_s * es, Dv * es, jn, jn_end);
+            prefetch_keys(jb, it->b, u->hk, it->start_k, jn, jn_end);
         }
-        if (cp != MF_CW) kn->pack(w->K, D, u->kbase + j0 * p->k_stride_s * es, p->k_stride_s * es, n, D, pb->dtype);
+        if (cp != MF_CW)
+            for (int r = 0; r < n; r += (int)len) {
+                len = kv_run(jb, it->b, u->hk, it->start_k, j0 + r, n - r, &kp, &vp);
+                kn->pack(w->K + (size_t)r * D, D, kp, kst, (int)len, D, pb->dtype);
+            }
     }
     if (cp == MF_CW && jb->pk == NULL) /* few columns (decode): dot products along d, K read in place */
-        kn->dot_qk(w->S, cp, u->kbase + j0 * p->k_stride_s * es, p->k_stride_s * es, n, D, pb->dtype, w->QT, cols);
+        for (int r = 0; r < n; r += (int)len) {
+            len = kv_run(jb, it->b, u->hk, it->start_k, j0 + r, n - r, &kp, &vp);
+            kn->dot_qk(w->S + (size_t)r * cp, cp, kp, kst, (int)len, D, pb->dtype, w->QT, cols);
+        }
     else if (cp == MF_CW)
         kn->dot_qk(w->S, cp, Kt, (int64_t)D * sizeof(float), n, D, MF_F32, w->QT, cols);
     else
@@ -306,15 +355,22 @@ static void unit_tile(const job *jb, ustate *u, int64_t j0) {
     for (int c = 0; c < cols; c++)
         if (w->alpha[c] != 1.0f) kn->scale(w->O + (size_t)c * dvp, dvp, w->alpha[c]);
     if (jb->pk == NULL && cp == MF_CW && Dv % 16 == 0) { /* decode: V read in place */
-        const char *vt = u->vbase + j0 * p->v_stride_s * es;
-        if (pb->dtype == MF_F32)
-            kn->gemm(cols, dvp, n, w->S, 1, cp, (const float *)vt, p->v_stride_s, w->O, dvp, 1);
-        else
-            kn->gemm_half(cols, dvp, n, w->S, 1, cp, (const uint16_t *)vt, p->v_stride_s, pb->dtype, w->O, dvp);
+        for (int r = 0; r < n; r += (int)len) {
+            len = kv_run(jb, it->b, u->hk, it->start_k, j0 + r, n - r, &kp, &vp);
+            if (pb->dtype == MF_F32)
+                kn->gemm(cols, dvp, (int)len, w->S + (size_t)r * cp, 1, cp, (const float *)vp, p->v_stride_s, w->O,
+                         dvp, 1);
+            else
+                kn->gemm_half(cols, dvp, (int)len, w->S + (size_t)r * cp, 1, cp, (const uint16_t *)vp,
+                              p->v_stride_s, pb->dtype, w->O, dvp);
+        }
         return;
     }
     if (jb->pk == NULL) {
-        kn->pack(w->V, dvp, u->vbase + j0 * p->v_stride_s * es, p->v_stride_s * es, n, Dv, pb->dtype);
+        for (int r = 0; r < n; r += (int)len) {
+            len = kv_run(jb, it->b, u->hk, it->start_k, j0 + r, n - r, &kp, &vp);
+            kn->pack(w->V + (size_t)r * dvp, dvp, vp, vst, (int)len, Dv, pb->dtype);
+        }
         if (dvp > Dv)
             for (int r = 0; r < n; r++) memset(w->V + (size_t)r * dvp + Dv, 0, sizeof(float) * (dvp - Dv));
     }
@@ -418,12 +474,12 @@ static void pack_task(void *ctx, int64_t t, int worker) {
     mf_problem_seq(pb, jb->pack_b, &sq0, &sq, &sk0, &sk);
     const int64_t r0 = t * MF_PACK_ROWS;
     const int rows = (int)(sk - r0 < MF_PACK_ROWS ? sk - r0 : MF_PACK_ROWS);
-    const char *k = (const char *)pb->k +
-                    (jb->pack_b * p->k_stride_b + (sk0 + r0) * p->k_stride_s + (int64_t)jb->pack_hk * p->k_stride_h) * es;
-    const char *v = (const char *)pb->v +
-                    (jb->pack_b * p->v_stride_b + (sk0 + r0) * p->v_stride_s + (int64_t)jb->pack_hk * p->v_stride_h) * es;
-    jb->kern->pack(jb->pk + r0 * D, D, k, p->k_stride_s * es, rows, D, pb->dtype);
-    jb->kern->pack(jb->pv + r0 * dvp, dvp, v, p->v_stride_s * es, rows, Dv, pb->dtype);
+    const char *k, *v;
+    for (int64_t r = 0, len; r < rows; r += len) {
+        len = kv_run(jb, jb->pack_b, jb->pack_hk, sk0, r0 + r, rows - r, &k, &v);
+        jb->kern->pack(jb->pk + (r0 + r) * D, D, k, p->k_stride_s * es, (int)len, D, pb->dtype);
+        jb->kern->pack(jb->pv + (r0 + r) * dvp, dvp, v, p->v_stride_s * es, (int)len, Dv, pb->dtype);
+    }
     if (dvp > Dv)
         for (int r = 0; r < rows; r++) memset(jb->pv + (r0 + r) * dvp + Dv, 0, sizeof(float) * (dvp - Dv));
 }
@@ -536,9 +592,16 @@ int mf_cpu_forward(const mf_problem *pb, int n_threads, mf_error *err) {
     jb.bn = (int)(max_sk < MF_BN ? (max_sk > 0 ? max_sk : 1) : MF_BN);
     jb.dvp = (int)round_up((size_t)p->head_dim_v, MF_CW);
     jb.splits = 1;
-    if (total < MF_SPLIT_ITEMS && max_sk >= 2 * MF_SPLIT_KEYS) {
+    if (pb->num_splits_req == 0 && total < MF_SPLIT_ITEMS && max_sk >= 2 * MF_SPLIT_KEYS) {
         const int64_t s = max_sk / MF_SPLIT_KEYS;
         jb.splits = (int)(s > MF_MAX_SPLITS ? MF_MAX_SPLITS : s);
+    } else if (pb->num_splits_req > 1) { /* the caller's count (flash_attn_with_kvcache's num_splits), where
+                                         * a split task can hold every item of a sequence */
+        int64_t per_seq = 0;
+        for (int b = 0; b < p->batch; b++)
+            if (jb.item_start[b + 1] - jb.item_start[b] > per_seq) per_seq = jb.item_start[b + 1] - jb.item_start[b];
+        if (per_seq <= MF_SPLIT_ITEMS && max_sk >= 2)
+            jb.splits = pb->num_splits_req > MF_MAX_SPLITS ? MF_MAX_SPLITS : pb->num_splits_req;
     }
     const int slots = jb.splits > 1 ? MF_SPLIT_ITEMS : 1; /* split-KV: total < MF_SPLIT_ITEMS items */
     jb.ws_floats = round_up(tile_floats(p, jb.cp, jb.bn, jb.dvp) + (size_t)slots * state_floats(p, jb.cp, jb.dvp), 16);
@@ -591,7 +654,7 @@ int mf_cpu_forward(const mf_problem *pb, int n_threads, mf_error *err) {
             const int64_t ks = ((int64_t)(p->heads_k - 1) * kh + p->head_dim) * es;
             const int64_t vs = ((int64_t)(p->heads_k - 1) * vh + p->head_dim_v) * es;
             /* the span lies within one key's row and holds little besides the heads' rows */
-            jb.span_touch = ks <= p->k_stride_s * es && vs <= p->v_stride_s * es &&
+            jb.span_touch = !(p->flags & MF_FLAG_PAGED) && ks <= p->k_stride_s * es && vs <= p->v_stride_s * es &&
                             ks <= 2 * (int64_t)p->heads_k * p->head_dim * es &&
                             vs <= 2 * (int64_t)p->heads_k * p->head_dim_v * es;
         }

@@ -15,7 +15,7 @@
 
 #include "mf_common.h"
 
-#define MF_KERNEL_MAX_D 256 /* largest head dim (MF_MAX_HEAD_DIM) */
+#define MF_KERNEL_MAX_D 576 /* largest head dim (MF_MAX_HEAD_DIM) */
 #define MF_CW 8 /* column granularity: every n passed to gemm and every column count is a multiple */
 
 typedef struct mf_cpu_kernels {

@@ -64,6 +64,11 @@ int mf_metal_tier_serves(mf_tier tier, const mf_problem *pb, const mf_metal_caps
         snprintf(reason, n, "head dims above 256");
         return 0;
     }
+    if ((pb->p.flags & (MF_FLAG_PAGED | MF_FLAG_KV_BATCH_IDX | MF_FLAG_SEQUSED_K | MF_FLAG_LEFTPAD_K)) ||
+        pb->app.present) {
+        snprintf(reason, n, "kv caches and paged K/V are not served by the Metal kernels yet");
+        return 0;
+    }
     return 1;
 }
 

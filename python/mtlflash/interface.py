@@ -18,6 +18,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_varlen_kvpacked_func",
+    "flash_attn_with_kvcache",
     "metal_params",
 ]
 
@@ -171,7 +172,8 @@ def _device_offsets(cu, q):
     return cu
 
 
-def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, softcap, alibi, want_lse):
+def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, softcap, alibi, want_lse,
+         block_table=None):
     mps = _is_torch(q) and q.device.type == "mps"
     if mps:
         _prepare_mps(fn)
@@ -180,6 +182,9 @@ def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, s
     device_offsets = ({"cu_seqlens_q_device": _device_offsets(cu_q, q),
                        "cu_seqlens_k_device": _device_offsets(cu_k, q)} if mps
                       else {"cu_seqlens_q_device": None, "cu_seqlens_k_device": None})
+    if block_table is not None:
+        device_offsets["block_table"] = _cpu_offsets(block_table)
+        device_offsets["block_table_device"] = _device_offsets(block_table, q) if mps else None
     try:
         out, lse, tier, stream_plan = _C.forward(*args, **device_offsets)
         if stream_plan is not None:
@@ -207,7 +212,7 @@ def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, s
 
         ref_out, ref_lse = reference.attention(
             q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window, softcap=softcap,
-            alibi_slopes=alibi, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+            alibi_slopes=alibi, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, block_table=block_table,
         )
         out = ref_out.to(q.dtype)
         lse = ref_lse if want_lse else None
@@ -219,8 +224,6 @@ def _attention(fn, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_
                block_table=None):
     """The one normalising path behind every public function."""
     _check_dropout(fn, dropout_p)
-    if block_table is not None:
-        raise NotImplementedError(f"[{fn}] block_table: paged KV is not implemented in mtlflash yet")
     window = _window(fn, window_size)
     causal = _as_bool(fn, "causal", causal)
     softcap = _as_float(fn, "softcap", softcap)
@@ -237,8 +240,10 @@ def _attention(fn, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_
     else:
         max_q = max_k = 0
 
+    if block_table is not None and not varlen:
+        raise TypeError(f"[{fn}] block_table: paged K/V needs cu_seqlens_k (the key length of each sequence)")
     args = (fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale, causal, window, softcap,
-            alibi_slopes, return_attn_probs)
+            alibi_slopes, return_attn_probs, block_table)
     if _is_torch(q) and _needs_autograd(q, k, v):
         out, lse, tier = _run_under_autograd(args)
     else:
@@ -333,6 +338,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     q (total_q, Hq, D), k (total_k, Hk, D), v (total_k, Hk, Dv), cu_seqlens_q/k int32 (B+1,)
     -> out (total_q, Hq, Dv); with return_attn_probs, lse is (Hq, total_q).
+
+    Paged K/V (as FlashAttention-2): with ``block_table`` int32 (B, max_blocks), k and v are
+    paged caches (num_blocks, page_size, Hk, D) / (num_blocks, page_size, Hk, Dv), any
+    page_size >= 1; sequence b's keys are its first ``cu_seqlens_k[b+1] - cu_seqlens_k[b]``
+    positions, position j in block ``block_table[b, j // page_size]`` at slot ``j % page_size``.
+    Blocks are read in place. ValueError when a used block-table entry lies outside
+    [0, num_blocks) or a sequence is longer than its row of blocks.
     """
     return _attention("flash_attn_varlen_func", q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                       max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
@@ -378,3 +390,109 @@ def metal_params(q, k, v, out, lse=None, *, cu_seqlens_q=None, cu_seqlens_k=None
     return _C.metal_params(fn, q, k, v, _cpu_offsets(cu_seqlens_q), _cpu_offsets(cu_seqlens_k), max_q, max_k,
                            softmax_scale, bool(causal), window[0], window[1], float(softcap), alibi_slopes,
                            lse is not None, out, lse, int(num_splits))
+
+
+def _index_arg(fn, name, x, batch, like):
+    """An index argument of flash_attn_with_kvcache as the C core reads it: None, or an int32
+    (batch,) on the CPU. A Python int becomes a (batch,) array (cache_seqlens may be an int)."""
+    if x is None:
+        return None
+    if isinstance(x, bool):
+        raise TypeError(f"[{fn}] {name}: expected an int32 tensor or an int, got bool")
+    if isinstance(x, int):
+        if _is_torch(like):
+            import torch
+
+            return torch.full((batch,), x, dtype=torch.int32)
+        import numpy as np
+
+        return np.full((batch,), x, dtype=np.int32)
+    return _cpu_offsets(x)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Attention of q over a kv cache, after appending new k/v to it in place (FlashAttention-2's
+    ``flash_attn_with_kvcache``, same names, defaults, shapes and returns).
+
+    Shapes (torch tensors or NumPy arrays; fp16, bf16 or fp32, all of q's dtype):
+      q (B, Sq, Hq, D); k_cache (B_cache, S_cache, Hk, D), v_cache (B_cache, S_cache, Hk, Dv), or
+      paged (num_blocks, page_size, Hk, D/Dv) with ``block_table`` int32 (B, max_blocks), any
+      page_size >= 1 (position p of sequence b lives in block ``block_table[b, p // page_size]``,
+      slot ``p % page_size``); k (B, S_new, Hk, D) and v (B, S_new, Hk, Dv): new rows, written
+      into the caches at ``cache_seqlens[b] + t`` before attention (k rotated there when
+      rotary_cos/sin are given); ``cache_seqlens`` int or int32 (B,): rows already in the cache
+      (None: the whole cache is attended); ``cache_batch_idx`` int32 (B,): the dense cache row of
+      each sequence; ``cache_leftpad`` int32 (B,): first valid key of each sequence;
+      ``rotary_cos``/``rotary_sin`` (seqlen_ro, rotary_dim / 2), q's dtype, rotary_dim <= D:
+      GPT-J pairs when ``rotary_interleaved`` else GPT-NeoX halves; q is rotated at
+      ``cache_seqlens + i`` when causal or local, else every row at ``cache_seqlens``.
+      Head dims up to 576 (q/k) and 512 (v): DeepSeek-style MLA decode (576/512, one kv head).
+    Attention: keys ``[cache_leftpad[b], cache_seqlens[b] + S_new)``; causal and window aligned
+    bottom-right against ``cache_seqlens[b] + S_new``; softcap, ALiBi (Hq,) or (B, Hq) fp32,
+    GQA/MQA as in :func:`flash_attn_func`. ``num_splits``: 0 chooses, 1 never splits the keys,
+    n uses n key splits (speed only; results are the same for any thread count).
+
+    Returns out (B, Sq, Hq, Dv), or (out, softmax_lse (B, Hq, Sq) fp32 natural log) with
+    ``return_softmax_lse=True``.
+
+    Raises TypeError/ValueError naming the argument, before anything is written (a refused call
+    leaves the caches bitwise unchanged): lengths past the capacity (S_cache, or max_blocks x
+    page_size), block-table or cache_batch_idx entries out of range, negative lengths,
+    cache_leftpad > cache_seqlens, index tensors that are not int32 (FlashAttention-2 requires
+    int32), paged caches with cache_batch_idx, k without v or without cache_seqlens, rotary
+    tensors of the wrong shape or dtype or without k, caches of another dtype than q, a read-only
+    cache that new rows would be written to.
+    """
+    fn = "flash_attn_with_kvcache"
+    window = _window(fn, window_size)
+    causal = _as_bool(fn, "causal", causal)
+    softcap = _as_float(fn, "softcap", softcap)
+    rotary_interleaved = _as_bool(fn, "rotary_interleaved", rotary_interleaved)
+    return_softmax_lse = _as_bool(fn, "return_softmax_lse", return_softmax_lse)
+    num_splits = _as_int(fn, "num_splits", num_splits)
+    if softmax_scale is not None:
+        softmax_scale = _as_float(fn, "softmax_scale", softmax_scale)
+    if not (_is_torch(q) or type(q).__module__ == "numpy"):
+        raise TypeError(f"[{fn}] q: expected a torch.Tensor or numpy.ndarray, got {_type_name(q)}")
+    if q.ndim != 4:
+        raise ValueError(f"[{fn}] q: expected 4 dimensions (batch, seqlen_q, heads, head_dim), got {q.ndim}")
+    batch = q.shape[0]
+    seqlens = _index_arg(fn, "cache_seqlens", cache_seqlens, batch, q)
+    batch_idx = _index_arg(fn, "cache_batch_idx", cache_batch_idx, batch, q)
+    leftpad = _index_arg(fn, "cache_leftpad", cache_leftpad, batch, q)
+    table = _index_arg(fn, "block_table", block_table, batch, q)
+    mps = _is_torch(q) and q.device.type == "mps"
+    if mps:
+        _prepare_mps(fn)
+    device = {}
+    if mps:
+        kv_index = block_table if block_table is not None else cache_batch_idx
+        device = {"kv_index_device": _device_offsets(kv_index, q),
+                  "cache_seqlens_device": _device_offsets(seqlens, q),
+                  "cache_leftpad_device": _device_offsets(cache_leftpad, q)}
+    args = (fn, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, batch_idx, leftpad, table,
+            softmax_scale, causal, window[0], window[1], softcap, rotary_interleaved, alibi_slopes, num_splits,
+            return_softmax_lse)
+    out, lse, tier, stream_plan = _C.kvcache(*args, **device)
+    if stream_plan is not None:
+        from . import metal_stream
+
+        metal_stream.run_kvcache(stream_plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, out, lse,
+                                 alibi_slopes, device)
+    if tier == "reference":
+        from . import reference
+
+        ref_out, ref_lse, _, _ = reference.kvcache_attention(
+            q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens=seqlens, cache_batch_idx=batch_idx,
+            cache_leftpad=leftpad, block_table=table, softmax_scale=softmax_scale, causal=causal,
+            window_size=window, softcap=softcap, rotary_interleaved=rotary_interleaved, alibi_slopes=alibi_slopes,
+        )
+        out = ref_out.to(q.dtype)
+        lse = ref_lse if return_softmax_lse else None
+    if trace.ENABLED:
+        lk = k_cache.shape[1] * (table.shape[1] if table is not None else 1)
+        trace.record(fn, str(q.dtype).replace("torch.", ""), q.shape[-1], q.shape[1], lk, causal, tier)
+    return (out, lse) if return_softmax_lse else out

@@ -17,20 +17,20 @@ import math
 
 import torch
 
-__all__ = ["attention", "compare", "Comparison"]
+__all__ = ["attention", "kvcache_attention", "apply_rotary", "compare", "compare_kvcache", "Comparison"]
 
 # Upper bound on the elements of one chunk of scores (heads x rows x keys).
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def _visible(i: torch.Tensor, j: torch.Tensor, sq: int, sk: int, causal: bool, window) -> torch.Tensor:
-    """Boolean (rows, keys) mask of the keys each query row sees."""
+def _visible(i: torch.Tensor, j: torch.Tensor, sq: int, sk: int, causal: bool, window, key_lo: int = 0) -> torch.Tensor:
+    """Boolean (rows, keys) mask of the keys each query row sees (keys before key_lo are padding)."""
     left, right = window
     if causal:
         right = 0
     diag = i[:, None] + (sk - sq)  # the key aligned with each query row
     jj = j[None, :]
-    mask = torch.ones(i.shape[0], j.shape[0], dtype=torch.bool, device=i.device)
+    mask = (jj >= key_lo).expand(i.shape[0], j.shape[0]).clone()
     if left is not None and left >= 0:
         mask &= jj >= diag - left
     if right is not None and right >= 0:
@@ -38,7 +38,7 @@ def _visible(i: torch.Tensor, j: torch.Tensor, sq: int, sk: int, causal: bool, w
     return mask
 
 
-def _one_sequence(q, k, v, *, scale, causal, window, softcap, slopes, compute_dtype):
+def _one_sequence(q, k, v, *, scale, causal, window, softcap, slopes, compute_dtype, key_lo=0):
     """q (Sq, Hq, D), k (Sk, Hk, D), v (Sk, Hk, Dv) -> out (Sq, Hq, Dv), lse (Hq, Sq)."""
     sq, hq, _ = q.shape
     sk, hk, dv = v.shape
@@ -67,7 +67,7 @@ def _one_sequence(q, k, v, *, scale, causal, window, softcap, slopes, compute_dt
         if slopes is not None:
             dist = (i[:, None] + (sk - sq) - j[None, :]).abs().to(compute_dtype)
             s = s - slopes.to(compute_dtype)[:, None, None] * dist[None]
-        mask = _visible(i, j, sq, sk, causal, window)
+        mask = _visible(i, j, sq, sk, causal, window, key_lo)
         s = s.masked_fill(~mask[None], -math.inf)
         m = s.amax(dim=-1, keepdim=True)
         seen = torch.isfinite(m) | torch.isnan(m)  # rows with at least one visible key
@@ -83,14 +83,27 @@ def _one_sequence(q, k, v, *, scale, causal, window, softcap, slopes, compute_dt
     return out, lse
 
 
+def _paged_keys(cache, table_row, length):
+    """The first ``length`` keys of one sequence of a paged cache (num_blocks, page_size, H, D),
+    gathered through its block-table row: key j lives in block table_row[j // page_size], slot
+    j % page_size."""
+    page = cache.shape[1]
+    n_blocks = -(-length // page)
+    blocks = table_row[:n_blocks].long().to(cache.device)
+    return cache[blocks].reshape(n_blocks * page, *cache.shape[2:])[:length]
+
+
 def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-              alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, compute_dtype=torch.float32):
+              alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, block_table=None,
+              compute_dtype=torch.float32):
     """Reference attention.
 
     Dense: q (B, Sq, Hq, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) -> out (B, Sq, Hq, Dv),
     lse (B, Hq, Sq). Varlen (cu_seqlens_q/k given, int32 (B+1,)): q (total_q, Hq, D), k/v
     (total_k, Hk, D/Dv) -> out (total_q, Hq, Dv), lse (Hq, total_q); rows past cu_seqlens_q[-1]
-    are zero with lse +inf.
+    are zero with lse +inf. Varlen with ``block_table`` (B, max_blocks) int32: k/v are paged caches
+    (num_blocks, page_size, Hk, D/Dv) and sequence b's keys are its first
+    ``cu_seqlens_k[b+1] - cu_seqlens_k[b]`` positions, addressed through its block-table row.
 
     ``compute_dtype`` is the precision of every step (float32 by default; float64 for a tighter
     oracle; the input dtype for the "naive low precision" baseline of the acceptance rule). out is
@@ -104,6 +117,7 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
 
     q, k, v = as_t(q), as_t(k), as_t(v)
     alibi_slopes = as_t(alibi_slopes)
+    block_table = as_t(block_table)
     d = q.shape[-1]
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
     window = (int(window_size[0]), int(window_size[1]))
@@ -126,7 +140,11 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
             slopes = None
         else:
             slopes = alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
-        if varlen:
+        if varlen and block_table is not None:
+            qs = q[cq[b]:cq[b + 1]]
+            ks = _paged_keys(k, block_table[b], ck[b + 1] - ck[b])
+            vs = _paged_keys(v, block_table[b], ck[b + 1] - ck[b])
+        elif varlen:
             qs, ks, vs = q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
         else:
             qs, ks, vs = q[b], k[b], v[b]
@@ -139,6 +157,105 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
             out[b] = o
             lse[b] = l
     return out, lse
+
+
+def apply_rotary(x, cos, sin, positions, interleaved=True):
+    """Rotary embedding of x (S, H, D) at integer positions (S,), computed in fp32 and returned in
+    x's dtype. cos/sin (seqlen_ro, rotary_dim / 2); dims past rotary_dim are unchanged.
+    interleaved=True rotates the pairs (x[2i], x[2i+1]) (GPT-J); False the pairs
+    (x[i], x[i + rotary_dim / 2]) (GPT-NeoX)."""
+    rd = 2 * cos.shape[-1]
+    pos = positions.long().to(cos.device)
+    c = cos[pos].float()[:, None, :]  # (S, 1, rd/2)
+    s = sin[pos].float()[:, None, :]
+    xf = x.float()
+    out = xf.clone()
+    if interleaved:
+        x0, x1 = xf[..., 0:rd:2], xf[..., 1:rd:2]
+        out[..., 0:rd:2] = x0 * c - x1 * s
+        out[..., 1:rd:2] = x0 * s + x1 * c
+    else:
+        h = rd // 2
+        x0, x1 = xf[..., :h], xf[..., h:rd]
+        out[..., :h] = x0 * c - x1 * s
+        out[..., h:rd] = x0 * s + x1 * c
+    return out.to(x.dtype)
+
+
+def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                      cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+                      window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
+                      compute_dtype=torch.float32, update_cache=True):
+    """The semantics of ``flash_attn_with_kvcache``, written plainly (the oracle for it).
+
+    q (B, Sq, Hq, D); k_cache/v_cache dense (B_cache, S_cache, Hk, D/Dv) or, with block_table
+    (B, max_blocks) int32, paged (num_blocks, page_size, Hk, D/Dv). New k/v (B, S_new, Hk, D/Dv)
+    are written at positions ``cache_seqlens[b] + t`` (k rotated there when rotary_cos/sin are
+    given); q is rotated at ``cache_seqlens[b] + i`` when causal or local, else at
+    ``cache_seqlens[b]``; sequence b then attends over keys ``[cache_leftpad[b],
+    cache_seqlens[b] + S_new)`` (all of the cache when cache_seqlens is None), causal/window
+    aligned bottom-right against ``cache_seqlens[b] + S_new``. Pages are gathered and rotary is
+    computed in fp32. With ``update_cache=False`` the caches are cloned first and left alone.
+    Returns (out (B, Sq, Hq, Dv) in compute_dtype, lse (B, Hq, Sq), k_cache, v_cache).
+    """
+    import numpy as np
+
+    def as_t(x):
+        return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+    q, k_cache, v_cache, k, v = (as_t(x) for x in (q, k_cache, v_cache, k, v))
+    rotary_cos, rotary_sin, block_table = as_t(rotary_cos), as_t(rotary_sin), as_t(block_table)
+    cache_batch_idx, cache_leftpad, alibi_slopes = as_t(cache_batch_idx), as_t(cache_leftpad), as_t(alibi_slopes)
+    if not update_cache:
+        k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    B, sq = q.shape[0], q.shape[1]
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    if cache_seqlens is None:
+        lens = [capacity] * B
+    elif isinstance(cache_seqlens, int):
+        lens = [cache_seqlens] * B
+    else:
+        lens = [int(x) for x in as_t(cache_seqlens).reshape(-1).tolist()]
+    s_new = 0 if k is None else k.shape[1]
+    local = causal or window_size[0] >= 0 or window_size[1] >= 0
+    d = q.shape[-1]
+    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
+    out = torch.zeros(*q.shape[:3], v_cache.shape[-1], dtype=compute_dtype, device=q.device)
+    lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    lse = torch.full((B, q.shape[2], sq), math.inf, dtype=lse_dtype, device=q.device)
+    for b in range(B):
+        row = int(cache_batch_idx[b]) if cache_batch_idx is not None else b
+        if s_new:
+            pos = torch.arange(lens[b], lens[b] + s_new)
+            kb = k[b]
+            if rotary_cos is not None:
+                kb = apply_rotary(kb, rotary_cos, rotary_sin, pos, rotary_interleaved)
+            if paged:
+                blocks = block_table[b].long()[pos // k_cache.shape[1]]
+                k_cache[blocks.to(k_cache.device), (pos % k_cache.shape[1]).to(k_cache.device)] = kb
+                v_cache[blocks.to(v_cache.device), (pos % v_cache.shape[1]).to(v_cache.device)] = v[b]
+            else:
+                k_cache[row, lens[b]:lens[b] + s_new] = kb
+                v_cache[row, lens[b]:lens[b] + s_new] = v[b]
+        qb = q[b]
+        if rotary_cos is not None and s_new:
+            qpos = lens[b] + (torch.arange(sq) if local else torch.zeros(sq, dtype=torch.long))
+            qb = apply_rotary(qb, rotary_cos, rotary_sin, qpos, rotary_interleaved)
+        length = lens[b] + s_new if cache_seqlens is not None else capacity
+        if paged:
+            ks, vs = _paged_keys(k_cache, block_table[b], length), _paged_keys(v_cache, block_table[b], length)
+        else:
+            ks, vs = k_cache[row, :length], v_cache[row, :length]
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
+        key_lo = int(cache_leftpad[b]) if cache_leftpad is not None else 0
+        o, l = _one_sequence(qb, ks, vs, scale=scale, causal=causal, window=(int(window_size[0]), int(window_size[1])),
+                             softcap=float(softcap), slopes=slopes, compute_dtype=compute_dtype, key_lo=key_lo)
+        out[b] = o
+        lse[b] = l
+    return out, lse, k_cache, v_cache
 
 
 # --- the numerical acceptance rule ---------------------------------------------------------------
@@ -180,35 +297,56 @@ def compare(out, lse, q, k, v, **options) -> Comparison:
     must have lse = +inf exactly where the reference does. Tensors on any device (moved to the
     CPU) and NumPy arrays are accepted. ``options`` are those of :func:`attention`.
     """
+    out, lse, q, k, v = (_cpu(x) for x in (out, lse, q, k, v))
+    options = {key: _cpu(val) for key, val in options.items()}
+    return _check(out, lse, q.dtype, lambda dt: attention(q, k, v, compute_dtype=dt, **options))
+
+
+def compare_kvcache(out, lse, q, k_cache, v_cache, *, factor=2.0, **options) -> Comparison:
+    """:func:`compare` for ``flash_attn_with_kvcache``: ``k_cache``/``v_cache`` are the caches as
+    they were BEFORE the call (the reference appends to copies); ``options`` are those of
+    :func:`kvcache_attention`. ``factor`` replaces the 2 of the low-precision rule (FA2's own
+    kv-cache tests use 3, and 5 with ALiBi)."""
+    out, lse, q, k_cache, v_cache = (_cpu(x) for x in (out, lse, q, k_cache, v_cache))
+    options = {key: _cpu(val) for key, val in options.items()}
+
+    def ref(dt):
+        o, l, _, _ = kvcache_attention(q, k_cache, v_cache, compute_dtype=dt, update_cache=False, **options)
+        return o, l
+
+    return _check(out, lse, q.dtype, ref, factor)
+
+
+def _cpu(x):
     import numpy as np
 
-    def cpu(x):
-        if x is None:
-            return None
-        if isinstance(x, np.ndarray):
-            return torch.from_numpy(x)
-        return x.detach().cpu() if isinstance(x, torch.Tensor) else x
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    return x.detach().cpu() if isinstance(x, torch.Tensor) else x
 
-    out, lse, q, k, v = (cpu(x) for x in (out, lse, q, k, v))
-    options = {key: cpu(val) for key, val in options.items()}
+
+def _check(out, lse, dtype, ref_fn, factor=2.0) -> Comparison:
+    """The acceptance rule for one result; ref_fn(compute_dtype) -> (out, lse) of the reference."""
     res = Comparison()
-    ref_out, ref_lse = attention(q, k, v, compute_dtype=torch.float64, **options)
+    ref_out, ref_lse = ref_fn(torch.float64)
     if tuple(out.shape) != tuple(ref_out.shape):
         res.problems.append(f"out shape {tuple(out.shape)} != reference {tuple(ref_out.shape)}")
         return res
-    if out.dtype != q.dtype:
-        res.problems.append(f"out dtype {out.dtype} != input dtype {q.dtype}")
+    if out.dtype != dtype:
+        res.problems.append(f"out dtype {out.dtype} != input dtype {dtype}")
     if torch.isnan(out).any():
         res.problems.append("out has NaN")
-    if q.dtype == torch.float32:
+    if dtype == torch.float32:
         finite = torch.isfinite(ref_lse)
         res.bound_out = FP32_TOL * max(1.0, _max_abs(ref_out, torch.zeros_like(ref_out)))
         res.bound_lse = FP32_TOL * max(1.0, _max_abs(ref_lse[finite], torch.zeros_like(ref_lse[finite])))
     else:
-        naive_out, naive_lse = attention(q, k, v, compute_dtype=q.dtype, **options)
-        res.bound_out = 2 * _max_abs(naive_out, ref_out) + LOWP_SLACK
+        naive_out, naive_lse = ref_fn(dtype)
+        res.bound_out = factor * _max_abs(naive_out, ref_out) + LOWP_SLACK
         finite = torch.isfinite(ref_lse) & torch.isfinite(naive_lse)
-        res.bound_lse = 2 * _max_abs(naive_lse[finite], ref_lse[finite]) + LOWP_SLACK
+        res.bound_lse = factor * _max_abs(naive_lse[finite], ref_lse[finite]) + LOWP_SLACK
     res.err_out = _max_abs(out, ref_out)
     if not res.err_out <= res.bound_out:
         res.problems.append(f"out error {res.err_out:.3g} exceeds the bound {res.bound_out:.3g}")
