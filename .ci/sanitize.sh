@@ -143,7 +143,8 @@ say "canaries: heap overflow and signed overflow are both reported"
 
 # --- 3. the tests ------------------------------------------------------------------------------
 DEFAULT_TESTS="tests/test_api.py tests/test_numerics.py tests/test_bad_input_more.py \
-tests/test_adversarial.py tests/test_fuzz.py tests/test_threads.py tests/test_leaks.py"
+tests/test_adversarial.py tests/test_fuzz.py tests/test_threads.py tests/test_leaks.py tests/test_kvcache.py \
+tests/test_kvcache_bad_input.py"
 TESTS=()
 for t in ${SANITIZE_TESTS:-$DEFAULT_TESTS}; do
   [[ -f "$ROOT/$t" ]] && TESTS+=("$t") || say "note: $t not found, skipped"

@@ -1,7 +1,8 @@
 """Property-based tests: random problems through every public entry point, checked against the
 fp64 reference by the acceptance rule (tests/numerics.py).
 
-Each example draws a whole call: batch, heads (Hq % Hk == 0), Sq, Sk, D, Dv, dtype, memory
+Each example draws a whole call (flash_attn_with_kvcache calls too: layout, page size, lengths,
+new rows, rotary, leftpad; their caches are checked after the call as well): batch, heads (Hq % Hk == 0), Sq, Sk, D, Dv, dtype, memory
 layout (contiguous, transposed, sliced, NumPy), causal, window, softcap, ALiBi, softmax_scale and,
 for varlen calls, the per-sequence lengths (empty sequences and rows past the last sequence
 included). The tensors themselves come from a drawn seed, so a failing example is reproduced
@@ -35,8 +36,8 @@ PROFILE = os.environ.get("MTLFLASH_FUZZ", "ci")
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.filter_too_much])
-# examples per test: (dense, varlen, packed)
-_BUDGET = {"ci": (240, 160, 60), "sanitize": (100, 70, 30), "large": (3000, 2000, 600)}
+# examples per test: (dense, varlen, packed, kvcache)
+_BUDGET = {"ci": (240, 160, 60, 120), "sanitize": (100, 70, 30, 50), "large": (3000, 2000, 600, 1500)}
 if PROFILE not in _BUDGET:
     raise pytest.UsageError(f"MTLFLASH_FUZZ={PROFILE!r}: expected one of {', '.join(_BUDGET)}")
 # derandomize=True: hypothesis draws from a fixed seed, so CI runs the same examples every time
@@ -45,7 +46,7 @@ settings.register_profile("mtlflash-ci", derandomize=True, database=None,
                           phases=[Phase.explicit, Phase.generate, Phase.shrink], **_COMMON)
 settings.register_profile("mtlflash-large", derandomize=False, **_COMMON)
 _PROFILE_NAME = "mtlflash-large" if PROFILE == "large" else "mtlflash-ci"
-N_DENSE, N_VARLEN, N_PACKED = _BUDGET[PROFILE]
+N_DENSE, N_VARLEN, N_PACKED, N_KVCACHE = _BUDGET[PROFILE]
 LARGE = PROFILE == "large"
 
 STATS = {"profile": PROFILE, "examples": {}, "seconds": {}}
@@ -354,3 +355,49 @@ def _timing():
     t0 = time.perf_counter()
     yield
     STATS["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+
+
+@st.composite
+def kvcache_case(draw):
+    """A flash_attn_with_kvcache call: dense / cache_batch_idx / paged (page sizes 1..300),
+    lengths, new rows, rotary, leftpad and the attention options."""
+    from kvcache_cases import KVCase
+
+    hq, hk = draw(heads())
+    d, dv = draw(head_dims())
+    if draw(st.integers(0, 9)) == 0:  # MLA-style decode head dims
+        d, dv, hk, hq = 576, 512, 1, draw(st.sampled_from([1, 4, 16]))
+    layout = draw(st.sampled_from(["dense", "batch_idx", "paged", "paged"]))
+    page = draw(st.sampled_from([1, 2, 7, 16, 16, 64, 256, 300])) if layout == "paged" else 0
+    capacity = draw(st.integers(1, 400 if LARGE else 200))
+    s_new = draw(st.sampled_from([0, 0, 1, 1, 2, 5]))
+    if page:
+        capacity = -(-capacity // page) * page
+    s_new = min(s_new, capacity)
+    sq = draw(st.sampled_from([1, 1, 2, 3, 9, s_new or 1]))
+    rd = 0
+    if s_new and d >= 2 and draw(st.booleans()):
+        rd = 2 * draw(st.integers(1, d // 2))
+    opts = {}
+    if draw(st.booleans()):
+        opts["causal"] = True
+    elif draw(st.integers(0, 2)) == 0:
+        opts["window_size"] = (draw(_window_side(capacity)), draw(_window_side(capacity)))
+    if draw(st.integers(0, 3)) == 0:
+        opts["softcap"] = draw(st.sampled_from([2.0, 15.0]))
+    if draw(st.integers(0, 3)) == 0:
+        opts["num_splits"] = draw(st.sampled_from([1, 2, 5]))
+    return KVCase(batch=draw(st.integers(1, 3)), seqlen_q=sq, seqlen_new=s_new, heads_q=hq, heads_k=hk,
+                  head_dim=d, head_dim_v=dv, capacity=capacity, page_size=page, batch_idx=layout == "batch_idx",
+                  leftpad=draw(st.integers(0, 3)) == 0, rotary_dim=rd, interleaved=draw(st.booleans()),
+                  dtype=DTYPES[draw(st.sampled_from(list(DTYPES)))], opts=opts,
+                  alibi=draw(st.integers(0, 4)) == 0, seed=draw(st.integers(0, 2 ** 31 - 1)))
+
+
+@settings(settings.get_profile(_PROFILE_NAME), max_examples=N_KVCACHE)
+@given(case=kvcache_case())
+def test_fuzz_kvcache(case):
+    from kvcache_cases import check_call
+
+    check_call(case)
+    _count("kvcache")
