@@ -54,6 +54,7 @@
 #define MF_SPLIT_ITEMS 16   /* split the keys only when there are fewer items than this */
 #define MF_SPLIT_KEYS 1024  /* ... into splits of about this many keys */
 #define MF_MAX_SPLITS 64
+#define MF_GROUPED_TASKS 32 /* grouped decode: split the keys until batch x splits reaches this */
 
 #define LN2 0.69314718055994531f
 
@@ -223,7 +224,6 @@ typedef struct ustate {
     wspace w;
     int64_t ks, ke, maxlo, minhi; /* keys of this unit; mask bounds over the item's columns */
     int hk;                       /* the item's kv head */
-    const char *kbase, *vbase;    /* dense K/V: key 0 of the item's sequence and kv head (span_touch) */
 } ustate;
 
 static void unit_init(const job *jb, int64_t unit, int worker, int slot, ustate *u) {
@@ -298,8 +298,6 @@ static void unit_init(const job *jb, int64_t unit, int worker, int slot, ustate 
         u->ke = u->ks + ss - 1 < kmax ? u->ks + ss - 1 : kmax;
     }
     u->hk = it->h0 / p->group;
-    u->kbase = u->vbase = NULL;
-    if (!(p->flags & MF_FLAG_PAGED)) kv_run(jb, it->b, u->hk, it->start_k, 0, 1, &u->kbase, &u->vbase);
     if (u->ks <= u->ke && jb->pk == NULL) {
         const int64_t last = u->ke < u->ks + jb->bn - 1 ? u->ke : u->ks + jb->bn - 1;
         prefetch_keys(jb, it->b, u->hk, it->start_k, u->ks, last);
@@ -432,25 +430,21 @@ static void run_split(void *ctx, int64_t task, int worker) {
     for (int i = 0; i < n_items; i++) unit_init(jb, (first + i) * jb->splits + s, worker, i, &u[i]);
     const mf_params *p = &jb->pb->p;
     const int64_t es = (int64_t)jb->esize;
-    const char *klo = NULL, *vlo = NULL;
     int64_t kspan = 0, vspan = 0;
-    if (jb->span_touch && n_items > 0) {
-        const char *khi = NULL, *vhi = NULL;
-        for (int i = 0; i < n_items; i++) {
-            if (klo == NULL || u[i].kbase < klo) klo = u[i].kbase;
-            if (khi == NULL || u[i].kbase > khi) khi = u[i].kbase;
-            if (vlo == NULL || u[i].vbase < vlo) vlo = u[i].vbase;
-            if (vhi == NULL || u[i].vbase > vhi) vhi = u[i].vbase;
-        }
-        kspan = (khi - klo) + (int64_t)p->head_dim * es;
-        vspan = (vhi - vlo) + (int64_t)p->head_dim_v * es;
+    if (jb->span_touch && n_items > 0) { /* the rows of all kv heads at one key, from head 0's */
+        kspan = (int64_t)(p->heads_k - 1) * p->k_stride_h * es + (int64_t)p->head_dim * es;
+        vspan = (int64_t)(p->heads_k - 1) * p->v_stride_h * es + (int64_t)p->head_dim_v * es;
     }
     for (int64_t t = 0;; t++) {
         int any = 0;
         if (kspan > 0 && u[0].ks <= u[0].ke && t * jb->bn <= u[0].ke - u[0].ks) { /* item 0's tile t */
             const int64_t j0 = u[0].ks + t * jb->bn, j1 = u[0].ke - j0 < jb->bn ? u[0].ke : j0 + jb->bn - 1;
-            touch_rows(klo, p->k_stride_s * es, kspan, j0, j1);
-            touch_rows(vlo, p->v_stride_s * es, vspan, j0, j1);
+            const char *kp, *vp;
+            for (int64_t j = j0, len; j <= j1; j += len) { /* block by block when paged */
+                len = kv_run(jb, b, 0, u[0].it.start_k, j, j1 - j + 1, &kp, &vp);
+                touch_rows(kp, p->k_stride_s * es, kspan, 0, len - 1);
+                touch_rows(vp, p->v_stride_s * es, vspan, 0, len - 1);
+            }
         }
         for (int i = 0; i < n_items; i++) {
             if (u[i].ks > u[i].ke || t * jb->bn > u[i].ke - u[i].ks) continue; /* no tile t (no overflow) */
@@ -591,19 +585,30 @@ int mf_cpu_forward(const mf_problem *pb, int n_threads, mf_error *err) {
     }
     jb.bn = (int)(max_sk < MF_BN ? (max_sk > 0 ? max_sk : 1) : MF_BN);
     jb.dvp = (int)round_up((size_t)p->head_dim_v, MF_CW);
+    /* Decode-like problems (few columns per item, every item of a sequence fits one task) run as
+     * grouped tasks: all items (kv heads) of a sequence advance over the same keys together, so
+     * each key's row of all heads is read once, in address order (run_split). Their keys are cut
+     * into splits, merged afterwards, when the tasks would be few: always a function of the
+     * shape alone, never of the thread count. */
+    int64_t per_seq = 0;
+    for (int b = 0; b < p->batch; b++)
+        if (jb.item_start[b + 1] - jb.item_start[b] > per_seq) per_seq = jb.item_start[b + 1] - jb.item_start[b];
+    const int groupable = per_seq <= MF_SPLIT_ITEMS;
+    int grouped = 0;
     jb.splits = 1;
     if (pb->num_splits_req == 0 && total < MF_SPLIT_ITEMS && max_sk >= 2 * MF_SPLIT_KEYS) {
         const int64_t s = max_sk / MF_SPLIT_KEYS;
         jb.splits = (int)(s > MF_MAX_SPLITS ? MF_MAX_SPLITS : s);
-    } else if (pb->num_splits_req > 1) { /* the caller's count (flash_attn_with_kvcache's num_splits), where
-                                         * a split task can hold every item of a sequence */
-        int64_t per_seq = 0;
-        for (int b = 0; b < p->batch; b++)
-            if (jb.item_start[b + 1] - jb.item_start[b] > per_seq) per_seq = jb.item_start[b + 1] - jb.item_start[b];
-        if (per_seq <= MF_SPLIT_ITEMS && max_sk >= 2)
-            jb.splits = pb->num_splits_req > MF_MAX_SPLITS ? MF_MAX_SPLITS : pb->num_splits_req;
+    } else if (pb->num_splits_req == 0 && groupable && jb.cp == MF_CW && max_sk >= 2 * MF_SPLIT_KEYS) {
+        const int64_t want = (MF_GROUPED_TASKS + p->batch - 1) / p->batch, most = max_sk / MF_SPLIT_KEYS;
+        jb.splits = (int)(want < most ? want : most);
+        grouped = 1;
+    } else if (pb->num_splits_req > 1 && groupable && max_sk >= 2) {
+        /* the caller's count (flash_attn_with_kvcache's num_splits) */
+        jb.splits = pb->num_splits_req > MF_MAX_SPLITS ? MF_MAX_SPLITS : pb->num_splits_req;
     }
-    const int slots = jb.splits > 1 ? MF_SPLIT_ITEMS : 1; /* split-KV: total < MF_SPLIT_ITEMS items */
+    grouped = grouped || jb.splits > 1;
+    const int slots = grouped ? MF_SPLIT_ITEMS : 1; /* grouped: every item of a sequence at once */
     jb.ws_floats = round_up(tile_floats(p, jb.cp, jb.bn, jb.dvp) + (size_t)slots * state_floats(p, jb.cp, jb.dvp), 16);
     const int64_t units = total * jb.splits;
     int nt = n_threads > units ? (int)units : n_threads;
@@ -643,7 +648,7 @@ int mf_cpu_forward(const mf_problem *pb, int n_threads, mf_error *err) {
             }
         }
         free(jb.pk);
-    } else if (jb.splits > 1) {
+    } else if (grouped) {
         /* one task = one key split of every item of a sequence: the items (kv heads) read the
          * same pages one after the other, so each page is mapped once and read from memory once */
         { /* measured on a 2-core Xeon, decode Sk=32768 Hk=8 D=128 bf16: 25-28 ms without the
@@ -654,7 +659,7 @@ int mf_cpu_forward(const mf_problem *pb, int n_threads, mf_error *err) {
             const int64_t ks = ((int64_t)(p->heads_k - 1) * kh + p->head_dim) * es;
             const int64_t vs = ((int64_t)(p->heads_k - 1) * vh + p->head_dim_v) * es;
             /* the span lies within one key's row and holds little besides the heads' rows */
-            jb.span_touch = !(p->flags & MF_FLAG_PAGED) && ks <= p->k_stride_s * es && vs <= p->v_stride_s * es &&
+            jb.span_touch = p->k_stride_h >= 0 && p->v_stride_h >= 0 && ks <= p->k_stride_s * es && vs <= p->v_stride_s * es &&
                             ks <= 2 * (int64_t)p->heads_k * p->head_dim * es &&
                             vs <= 2 * (int64_t)p->heads_k * p->head_dim_v * es;
         }
