@@ -326,3 +326,10 @@ def test_split_kv_layouts(layout, sq, hq, hk, opts, dtype):
     v = _kv_layout((B, Sk, hk, D), dt, 3, layout)
     out, lse, _ = mtlflash.flash_attn_func(q, k, v, return_attn_probs=True, **opts)
     check_against_reference(out, lse, q, k, v, **opts)
+
+
+@pytest.mark.parametrize("d,dv,dtype", [(320, 320, "bf16"), (512, 512, "fp32"), (576, 512, "fp16"), (512, 64, "bf16")])
+def test_head_dims_beyond_256(d, dv, dtype):
+    """The CPU backend serves q/k head dims up to 576 and v up to 512 for prefill as well."""
+    run_dense(1, 100, 130, 4, 2, d, dv, DTYPES[dtype], seed=d + dv, causal=True)
+    run_dense(2, 1, 700, 8, 1, d, dv, DTYPES[dtype], seed=d, window_size=(300, 0))
