@@ -25,6 +25,7 @@ import torch
 
 from mtlflash import _C, metal_stream, reference
 from metal_emu import emu, host
+from metal_emu.cases import padding_untouched
 from numerics import check_against_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,6 +61,7 @@ class KvCase:
     lse: bool = True
     num_splits: int = 0        # 0: the planner's choice
     expect_splits: int = None  # check the plan split the keys this many ways
+    sliced: bool = False       # q, caches and new rows as views into larger NaN buffers
 
 
 CASES = [
@@ -98,6 +100,9 @@ CASES = [
     KvCase("split_9_rows_leftpad_window", sq=9, lens=(60, 80), leftpad=(11, 0), s_new=2, num_splits=3,
            expect_splits=3, window=(20, 0), alibi="BH", batch_idx=True),
     KvCase("split_forced_off", lens=(60, 90), s_new=1, num_splits=1, expect_splits=1),
+    KvCase("sliced_dense_rot", sliced=True, lens=(3, 12), s_new=2, sq=2, causal=True, rotary=32, dtype=BF16),
+    KvCase("sliced_paged_rot_neox", sliced=True, page=8, lens=(9, 2), s_new=3, sq=3, rotary=16,
+           interleaved=False, hq=6, hk=3, dv=48),
 ]
 
 
@@ -106,6 +111,23 @@ def _loc(case, table, batch_idx, b, pos):
     if case.page:
         return int(table[b, pos // case.page]), pos % case.page
     return (int(batch_idx[b]) if batch_idx is not None else b), pos
+
+
+def view_of(data, sliced):
+    """data itself, or a view holding data's values inside a larger NaN buffer (two extra heads,
+    five extra dims, non-zero offset): strides that differ from the shape's."""
+    if not sliced:
+        return data
+    base = torch.full(data.shape[:-2] + (data.shape[-2] + 2, data.shape[-1] + 5), float("nan"), dtype=data.dtype)
+    view = base[..., 1:1 + data.shape[-2], 3:3 + data.shape[-1]]
+    view.copy_(data)
+    return view
+
+
+def fresh(t):
+    """A copy of t with t's layout (a view into a copy of its base buffer)."""
+    base = torch.as_strided(t, (t.untyped_storage().nbytes() // t.element_size(),), (1,), 0).clone()
+    return torch.as_strided(base, t.shape, t.stride(), t.storage_offset())
 
 
 def make(case, seed=0):
@@ -142,14 +164,15 @@ def make(case, seed=0):
             written[_loc(case, table, batch_idx, b, lens[b] + t)] = True
     k_cache[~valid] = float("nan")
     v_cache[~valid] = float("nan")
-    q = torch.randn(B, case.sq, case.hq, case.d, generator=g).to(dt)
+    k_cache, v_cache = view_of(k_cache, case.sliced), view_of(v_cache, case.sliced)
+    q = view_of(torch.randn(B, case.sq, case.hq, case.d, generator=g).to(dt), case.sliced)
     opts = dict(causal=case.causal, window_size=case.window, softcap=case.softcap,
                 rotary_interleaved=case.interleaved)
     if lens is not None:
         opts["cache_seqlens"] = torch.tensor(lens, dtype=torch.int32)
     if append:
-        opts["k"] = torch.randn(B, case.s_new, case.hk, case.d, generator=g).to(dt)
-        opts["v"] = torch.randn(B, case.s_new, case.hk, dv, generator=g).to(dt)
+        opts["k"] = view_of(torch.randn(B, case.s_new, case.hk, case.d, generator=g).to(dt), case.sliced)
+        opts["v"] = view_of(torch.randn(B, case.s_new, case.hk, dv, generator=g).to(dt), case.sliced)
     if case.rotary:
         n_pos = capacity + case.sq
         inv = 1.0 / (10000.0 ** (torch.arange(case.rotary // 2, dtype=torch.float64) / (case.rotary // 2)))
@@ -196,7 +219,7 @@ def test_kvcache_vec(case):
     q, k0, v0, opts, (valid, written) = make(case)
     results = []
     for schedule, seed in SCHEDULES:
-        k_cache, v_cache = k0.clone(), v0.clone()
+        k_cache, v_cache = fresh(k0), fresh(v0)
         out, lse, plan = run(case, q, k_cache, v_cache, opts, schedule, seed)
         results.append((out, lse, k_cache, v_cache))
     out, lse, k_cache, v_cache = results[0]
@@ -225,6 +248,15 @@ def test_kvcache_vec(case):
                                                      **ref_options(opts))
     assert torch.equal(bits(k_cache)[~written], bits(k0)[~written]), "k_cache changed outside the new rows"
     assert torch.equal(bits(v_cache)[~written], bits(v0)[~written]), "v_cache changed outside the new rows"
+    if case.sliced:
+        assert padding_untouched(k_cache) and padding_untouched(v_cache), "a write outside the cache views"
+    if case.rotary:  # the rotated q the attention read (q_rot, written by the append pass)
+        q_rot = plan["q_rot"]
+        local = case.causal or case.window != (-1, -1)
+        for b in range(case.b):
+            pos = torch.arange(case.sq) * int(local) + int(opts["cache_seqlens"][b])
+            exp = reference.apply_rotary(q[b], opts["rotary_cos"], opts["rotary_sin"], pos, case.interleaved)
+            assert torch.allclose(q_rot[b].float(), exp.float(), rtol=1e-3, atol=1e-3), "q_rot is off"
     assert torch.equal(bits(v_cache)[written], bits(v_exp)[written]), "new v rows are not bitwise copies"
     if case.rotary:
         got, exp = k_cache[written].float(), k_exp[written].float()
@@ -246,7 +278,7 @@ def test_sentinels_catch_a_wrong_address():
     case = KvCase("probe", lens=(5, 9), append=False)
     q, k0, v0, opts, _ = make(case)
     opts["cache_seqlens"] = opts["cache_seqlens"] + 1  # one sentinel (NaN) key becomes visible
-    out, _, _ = run(case, q, k0.clone(), v0.clone(), opts, "forward", 0)
+    out, _, _ = run(case, q, fresh(k0), fresh(v0), opts, "forward", 0)
     assert torch.isnan(out.float()).all(dim=-1).any()
 
 
