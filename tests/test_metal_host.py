@@ -170,6 +170,10 @@ def test_auto_choice_decode_to_vec_prefill_to_simdgroup(sq, sk, expected):
 def test_auto_choice_many_short_rows_stay_on_simdgroup():
     # 64 rows but enough threadgroups for the simdgroup tier (B * Hq * 2 >= 64): no split needed
     assert plan("auto", B=8, sq=64, sk=4096, hq=8)["tier"] == "simdgroup"
+    # 540 rows in 60 threadgroups of the simdgroup tier (one per head): too few, vec splits
+    p = plan("auto", B=1, sq=9, sk=4096, hq=60, hk=2)
+    assert p["tier"] == "vec" and params_of(p)["num_splits"] == 8
+    assert plan("auto", B=1, sq=9, sk=4096, hq=64, hk=2)["tier"] == "simdgroup"
 
 
 @pytest.mark.parametrize("tier", ["auto", "vec", "simdgroup"])

@@ -60,7 +60,7 @@ static int kv_layout(const mf_problem *pb) {
 
 /* threadgroups the simdgroup tier would launch (32 query rows each at most) */
 static uint64_t sg_groups(const mf_params *p) {
-    return (uint64_t)p->batch * (uint64_t)p->heads_q * ((uint64_t)p->seqlen_q + 31) / 32;
+    return (uint64_t)p->batch * (uint64_t)p->heads_q * (((uint64_t)p->seqlen_q + 31) / 32);
 }
 
 /* few rows per sequence against long keys: the vec tier's split-KV path pays */
