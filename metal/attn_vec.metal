@@ -55,7 +55,8 @@
  *   threadgroup barriers, so R is free.)
  *
  * Splitting pays when heads_q * seqlen_q * batch simdgroups cannot fill the GPU and the rows
- * are long (decode): then pick num_splits so each split still has a few hundred keys.
+ * are long (decode, and 9-64 query rows per sequence over a long cache: chunked prefill,
+ * speculative decoding): then pick num_splits so each split still has a few hundred keys.
  * (split_size = ceil(seqlen_k / num_splits), set by the host; a split past a row's visible keys
  * just stores an empty record.)
  *

@@ -23,6 +23,10 @@
  *     keys over up to MF_VEC_MAX_SPLITS threadgroups per row and merges in a second pass (the
  *     same kernels as decode, proven in the emulator with 9-64 rows);
  *   - other prefill: simdgroup where it serves, else vec.
+ * Key splits on vec (mf_metal_vec_splits): ceil(keys / MF_VEC_SPLIT_KEYS) up to
+ * MF_VEC_MAX_SPLITS when few rows meet long keys (as above), else none; a kv cache call's
+ * num_splits overrides it (1: none, n: n splits, FA2 caps n at 128); the fp32 partials are kept
+ * under MF_VEC_SCRATCH_MAX by halving the splits.
  *
  * Launch plans: vec = [mf_attn_vec] or [mf_attn_vec_split, mf_attn_vec_merge], defines MF_DTYPE,
  * MF_MAX_D, MF_MAX_DV, MF_PAGED; simdgroup = [mf_attn_simdgroup], defines MF_DTYPE, MF_D, MF_DV,
