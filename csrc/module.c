@@ -169,6 +169,21 @@ PyDoc_STRVAR(forward_doc,
 "Queue mode (default) expects the caller to have called torch.mps.synchronize().");
 
 static PyObject *plan_to_dict(const mf_metal_plan *plan);
+static int plan_tier_and_caps(PyObject *args, const char *fn, int *tier, int *is_auto, mf_metal_caps *caps);
+
+/* The device copy of an index tensor a Metal kernel reads (block table, kv batch index, cache
+ * lengths, leftpad): present, int32, contiguous rows, and the same shape as the CPU copy that
+ * problem.c validated. */
+static int check_device_index(const char *fn, const char *name, const mf_tensor *dev, const mf_tensor *cpu,
+                              mf_error *err) {
+    int ok = dev->present && dev->dtype == MF_I32 && dev->ndim == cpu->ndim;
+    for (int i = 0; ok && i < dev->ndim; i++) ok = dev->shape[i] == cpu->shape[i];
+    if (ok && dev->ndim >= 1 && dev->shape[dev->ndim - 1] > 1) ok = dev->stride[dev->ndim - 1] == 1;
+    if (!ok)
+        return mf_fail(err, MF_ERR_VALUE, "[%s] %s: the Metal tiers need a copy on the device (int32, contiguous "
+                       "rows, the shape of the CPU copy); none was given or it does not match", fn, name);
+    return MF_OK;
+}
 
 /* Runs a Metal tier in queue mode, or plans it for stream mode (*stream_plan set). */
 static int run_metal(call_args *a, const mf_problem *pb, mf_tier tier, PyObject **stream_plan, mf_error *err) {
@@ -176,17 +191,22 @@ static int run_metal(call_args *a, const mf_problem *pb, mf_tier tier, PyObject 
     mf_dispatch mode;
     mf_metal_caps caps;
     mf_metal_plan mplan;
-    mf_metal_binding slots[MF_NUM_SLOTS];
-    mf_tensor cu_q_dev, cu_k_dev;
+    mf_metal_binding slots[MF_NUM_SLOTS], app_slots[MF_NUM_SLOTS];
+    mf_tensor cu_q_dev, cu_k_dev, kv_index_dev, seqused_dev, leftpad_dev;
     char msg[512];
+    const int flags = pb->p.flags;
     if ((rc = mf_plan_dispatch(&mode, err))) return rc;
     if (mf_metal_caps_of(pb->tq.mtl_buffer, &caps, msg, sizeof msg) != 0)
         return mf_fail(err, MF_ERR_RUNTIME, "[%s] %s", a->fn, msg);
     if ((rc = mf_metal_plan_make(pb, tier, &caps, &mplan, err))) return rc;
     memset(slots, 0, sizeof slots);
+    memset(app_slots, 0, sizeof app_slots);
     if ((rc = mf_tensor_view(a->cu_q_dev, a->fn, "cu_seqlens_q", 1, &cu_q_dev, err))) return rc;
     if ((rc = mf_tensor_view(a->cu_k_dev, a->fn, "cu_seqlens_k", 1, &cu_k_dev, err))) return rc;
-    if (pb->p.flags & MF_FLAG_VARLEN) {
+    if ((rc = mf_tensor_view(a->kv_index_dev, a->fn, "kv_index_device", 1, &kv_index_dev, err))) return rc;
+    if ((rc = mf_tensor_view(a->seqused_dev, a->fn, "cache_seqlens_device", 1, &seqused_dev, err))) return rc;
+    if ((rc = mf_tensor_view(a->leftpad_dev, a->fn, "cache_leftpad_device", 1, &leftpad_dev, err))) return rc;
+    if (flags & MF_FLAG_VARLEN) {
         const mf_tensor *cu[2] = {&cu_q_dev, &cu_k_dev};
         for (int i = 0; i < 2; i++)
             if (!cu[i]->present || cu[i]->dtype != MF_I32 || cu[i]->ndim != 1 ||
@@ -194,21 +214,90 @@ static int run_metal(call_args *a, const mf_problem *pb, mf_tier tier, PyObject 
                 return mf_fail(err, MF_ERR_VALUE, "[%s] %s: the Metal tiers need it as a contiguous int32 "
                                "tensor on the device", a->fn, i ? "cu_seqlens_k" : "cu_seqlens_q");
     }
+    /* the kv layout's index tensors, as the kernels read them: device copies of the CPU ones */
+    if (flags & (MF_FLAG_PAGED | MF_FLAG_KV_BATCH_IDX)) {
+        const char *name = (flags & MF_FLAG_PAGED) ? "block_table" : "cache_batch_idx";
+        if ((rc = check_device_index(a->fn, name, &kv_index_dev, &pb->tkv_index, err))) return rc;
+        /* the kernels step through the device copy's rows */
+        if (flags & MF_FLAG_PAGED) mplan.params.block_table_stride_b = kv_index_dev.stride[0];
+    } else {
+        kv_index_dev.present = 0;
+    }
+    if (flags & MF_FLAG_SEQUSED_K) {
+        if ((rc = check_device_index(a->fn, "cache_seqlens", &seqused_dev, &pb->tseqused_k, err))) return rc;
+    } else {
+        seqused_dev.present = 0;
+    }
+    if (flags & MF_FLAG_LEFTPAD_K) {
+        if ((rc = check_device_index(a->fn, "cache_leftpad", &leftpad_dev, &pb->tleftpad_k, err))) return rc;
+    } else {
+        leftpad_dev.present = 0;
+    }
     /* every bound tensor checked against its storage, in both dispatch modes */
-    const mf_tensor *views[8] = {&pb->tq, &pb->tk, &pb->tv, &pb->to, &pb->tlse, &cu_q_dev, &cu_k_dev, &pb->talibi};
-    const char *names[8] = {"q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes"};
-    for (int s = 0; s < 8; s++)
-        if ((rc = mf_metal_bind(views[s], a->fn, names[s], &slots[s], err))) return rc;
+    const mf_tensor *views[MF_NUM_SLOTS] = {&pb->tq, &pb->tk, &pb->tv, &pb->to, &pb->tlse, &cu_q_dev, &cu_k_dev,
+                                            &pb->talibi, NULL, NULL, &kv_index_dev, &seqused_dev, &leftpad_dev};
+    const char *names[MF_NUM_SLOTS] = {"q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes",
+                                       NULL, NULL, "kv_index", "cache_seqlens", "cache_leftpad"};
+    for (int s = 0; s < MF_NUM_SLOTS; s++)
+        if (views[s] != NULL && (rc = mf_metal_bind(views[s], a->fn, names[s], &slots[s], err))) return rc;
+    if (mplan.append.present) { /* the append pass's own slots (mf_params.h) */
+        const int rot = mf_problem_rotates_q(pb);
+        const mf_append *ap = &pb->app;
+        const mf_tensor *app_views[MF_NUM_SLOTS] = {rot ? &ap->tq_src : NULL, &pb->tk, &pb->tv, rot ? &pb->tq : NULL,
+                                                    &ap->tk_new, &ap->tv_new, rot ? &ap->tcos : NULL,
+                                                    rot ? &ap->tsin : NULL, NULL, NULL, &kv_index_dev, &seqused_dev,
+                                                    NULL};
+        const char *app_names[MF_NUM_SLOTS] = {"q", "k_cache", "v_cache", "q_rot", "k", "v", "rotary_cos",
+                                               "rotary_sin", NULL, NULL, "kv_index", "cache_seqlens", NULL};
+        for (int s = 0; s < MF_NUM_SLOTS; s++)
+            if (app_views[s] != NULL && (rc = mf_metal_bind(app_views[s], a->fn, app_names[s], &app_slots[s], err)))
+                return rc;
+    }
     if (mode == MF_DISPATCH_STREAM) {
         *stream_plan = plan_to_dict(&mplan);
-        return *stream_plan ? MF_OK : mf_fail(err, MF_ERR_MEMORY, "[%s] out of memory", a->fn);
+        if (*stream_plan == NULL) return mf_fail(err, MF_ERR_MEMORY, "[%s] out of memory", a->fn);
+        /* the rotated q is bound by the caller too (attention's slot 0, the append's slot 3) */
+        if (PyDict_SetItemString(*stream_plan, "q_rot", a->q_rot) < 0) {
+            PyErr_Clear();
+            return mf_fail(err, MF_ERR_MEMORY, "[%s] out of memory", a->fn);
+        }
+        return MF_OK;
     }
     int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = mf_metal_run(&mplan, slots, msg, sizeof msg);
+    failed = mf_metal_run(&mplan, slots, app_slots, msg, sizeof msg);
     Py_END_ALLOW_THREADS
     if (failed) return mf_fail(err, MF_ERR_RUNTIME, "[%s] %s tier: %s", a->fn, mf_tier_name(tier), msg);
     return MF_OK;
+}
+
+/* Allocates out, lse (when asked for) and q_rot (when the append pass rotates q) like q, stores
+ * them in a's views and PyObjects, and rebuilds the problem with them. New references in
+ * *out / *lse / *q_rot (NULL when not allocated); on failure they are released by the caller. */
+static int alloc_outputs(call_args *a, mf_problem *pb, PyObject **out, PyObject **lse, PyObject **q_rot,
+                         mf_error *err) {
+    const mf_tensor *tq = &a->in.q;
+    int64_t shape[4];
+    int rc, n = mf_problem_out_shape(pb, shape);
+    *out = mf_tensor_new_like(a->q, tq, n, shape, pb->dtype);
+    if (*out == NULL) return -1;
+    if ((rc = mf_tensor_view_new(*out, tq, n, shape, pb->dtype, a->fn, "out", &a->in.out, err))) return rc;
+    if (a->want_lse) {
+        n = mf_problem_lse_shape(pb, shape);
+        *lse = mf_tensor_new_like(a->q, tq, n, shape, MF_F32);
+        if (*lse == NULL) return -1;
+        if ((rc = mf_tensor_view_new(*lse, tq, n, shape, MF_F32, a->fn, "lse", &a->in.lse, err))) return rc;
+    }
+    if (mf_problem_rotates_q(pb)) { /* the rotated q, written by the append pass */
+        for (int i = 0; i < 4; i++) shape[i] = tq->shape[i];
+        *q_rot = mf_tensor_new_like(a->q, tq, 4, shape, pb->dtype);
+        if (*q_rot == NULL) return -1;
+        if ((rc = mf_tensor_view_new(*q_rot, tq, 4, shape, pb->dtype, a->fn, "q_rot", &a->in.q_rot, err))) return rc;
+    }
+    a->out = *out;
+    a->lse = *lse ? *lse : Py_None;
+    a->q_rot = *q_rot ? *q_rot : Py_None;
+    return rebuild_with_outputs(a, pb, err);
 }
 
 /* The common body of forward() and kvcache(): validate, plan, allocate, run. */
@@ -223,28 +312,10 @@ static PyObject *run_call(call_args *a) {
     if (mf_plan_choose(&pb, getenv("MTLFLASH_KERNEL"), &plan, &err)) return raise(&err);
     if (plan.tier == MF_TIER_REFERENCE) return Py_BuildValue("(OOsO)", Py_None, Py_None, "reference", Py_None);
 
-    const mf_tensor *tq = &a->in.q;
-    int64_t shape[4];
-    int n = mf_problem_out_shape(&pb, shape);
-    out = mf_tensor_new_like(a->q, tq, n, shape, pb.dtype);
-    if (out == NULL) goto fail;
-    if (mf_tensor_view_new(out, tq, n, shape, pb.dtype, a->fn, "out", &a->in.out, &err)) goto fail_err;
-    if (a->want_lse) {
-        n = mf_problem_lse_shape(&pb, shape);
-        lse = mf_tensor_new_like(a->q, tq, n, shape, MF_F32);
-        if (lse == NULL) goto fail;
-        if (mf_tensor_view_new(lse, tq, n, shape, MF_F32, a->fn, "lse", &a->in.lse, &err)) goto fail_err;
+    if ((rc = alloc_outputs(a, &pb, &out, &lse, &q_rot, &err))) {
+        if (rc < 0) goto fail;
+        goto fail_err;
     }
-    if (mf_problem_rotates_q(&pb)) { /* the rotated q, written by the append pass */
-        for (int i = 0; i < 4; i++) shape[i] = tq->shape[i];
-        q_rot = mf_tensor_new_like(a->q, tq, 4, shape, pb.dtype);
-        if (q_rot == NULL) goto fail;
-        if (mf_tensor_view_new(q_rot, tq, 4, shape, pb.dtype, a->fn, "q_rot", &a->in.q_rot, &err)) goto fail_err;
-    }
-    a->out = out;
-    a->lse = lse ? lse : Py_None;
-    a->q_rot = q_rot ? q_rot : Py_None;
-    if (rebuild_with_outputs(a, &pb, &err)) goto fail_err;
     if (plan.tier == MF_TIER_CPU) {
         Py_BEGIN_ALLOW_THREADS
         rc = pb.app.present ? mf_cpu_append(&pb, plan.num_threads, &err) : MF_OK;
@@ -386,19 +457,8 @@ static PyObject *py_metal_plan(PyObject *self, PyObject *args, PyObject *kwargs)
     mf_metal_caps caps;
     mf_metal_plan plan;
     mf_error err = {MF_OK, ""};
-    if (PyTuple_GET_SIZE(args) < 2) {
-        PyErr_SetString(PyExc_TypeError, "metal_plan: expected tier and caps first");
-        return NULL;
-    }
-    const char *tier_name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(args, 0));
-    if (tier_name == NULL || caps_from_dict(PyTuple_GET_ITEM(args, 1), &caps) < 0) return NULL;
-    int tier = -1, is_auto = strcmp(tier_name, "auto") == 0;
-    for (int t = 0; t < MF_NUM_TIERS; t++)
-        if (strcmp(tier_name, mf_tier_name((mf_tier)t)) == 0) tier = t;
-    if (tier < 0 && !is_auto) {
-        PyErr_Format(PyExc_ValueError, "metal_plan: unknown tier '%s'", tier_name);
-        return NULL;
-    }
+    int tier, is_auto;
+    if (plan_tier_and_caps(args, "metal_plan", &tier, &is_auto, &caps) < 0) return NULL;
     PyObject *rest = PyTuple_GetSlice(args, 2, PyTuple_GET_SIZE(args));
     if (rest == NULL) return NULL;
     int ok = parse(rest, kwargs, "sOOO|OOLLOpLLdOpOOiOOOO:metal_plan", &a);
@@ -416,35 +476,132 @@ static PyObject *py_metal_plan(PyObject *self, PyObject *args, PyObject *kwargs)
     return plan_to_dict(&plan);
 }
 
-static PyObject *plan_to_dict(const mf_metal_plan *plan) {
-    PyObject *defines = PyDict_New(), *launches = PyList_New(0), *res = NULL;
-    if (defines == NULL || launches == NULL) goto done;
-    for (int i = 0; i < plan->n_defines; i++) {
-        PyObject *v = PyLong_FromLong(plan->defines[i].value);
-        if (v == NULL || PyDict_SetItemString(defines, plan->defines[i].name, v) < 0) {
+static PyObject *defines_to_dict(const mf_metal_define *defs, int n) {
+    PyObject *d = PyDict_New();
+    for (int i = 0; d != NULL && i < n; i++) {
+        PyObject *v = PyLong_FromLong(defs[i].value);
+        if (v == NULL || PyDict_SetItemString(d, defs[i].name, v) < 0) {
             Py_XDECREF(v);
-            goto done;
+            Py_CLEAR(d);
+            break;
         }
         Py_DECREF(v);
     }
+    return d;
+}
+
+static PyObject *launch_to_tuple(const mf_metal_launch *l) {
+    return Py_BuildValue("(s(III)(III))", l->kernel, l->grid[0], l->grid[1], l->grid[2], l->threadgroup[0],
+                         l->threadgroup[1], l->threadgroup[2]);
+}
+
+static PyObject *plan_to_dict(const mf_metal_plan *plan) {
+    PyObject *defines = defines_to_dict(plan->defines, plan->n_defines), *launches = PyList_New(0), *res = NULL;
+    PyObject *append = NULL;
+    if (defines == NULL || launches == NULL) goto done;
     for (int i = 0; i < plan->n_launches; i++) {
-        const mf_metal_launch *l = &plan->launches[i];
-        PyObject *item = Py_BuildValue("(s(III)(III))", l->kernel, l->grid[0], l->grid[1], l->grid[2],
-                                       l->threadgroup[0], l->threadgroup[1], l->threadgroup[2]);
+        PyObject *item = launch_to_tuple(&plan->launches[i]);
         if (item == NULL || PyList_Append(launches, item) < 0) {
             Py_XDECREF(item);
             goto done;
         }
         Py_DECREF(item);
     }
-    res = Py_BuildValue("{s:s,s:s,s:O,s:O,s:K,s:I,s:y#}", "tier", mf_tier_name(plan->tier), "source",
+    if (plan->append.present) {
+        const mf_metal_append *ap = &plan->append;
+        PyObject *adefs = defines_to_dict(ap->defines, ap->n_defines), *alaunch = launch_to_tuple(&ap->launch);
+        if (adefs != NULL && alaunch != NULL)
+            append = Py_BuildValue("{s:s,s:O,s:O,s:y#}", "source", ap->source, "defines", adefs, "launch", alaunch,
+                                   "params", (const char *)&ap->params, (Py_ssize_t)sizeof ap->params);
+        Py_XDECREF(adefs);
+        Py_XDECREF(alaunch);
+        if (append == NULL) goto done;
+    } else {
+        append = Py_None;
+        Py_INCREF(append);
+    }
+    res = Py_BuildValue("{s:s,s:s,s:O,s:O,s:K,s:I,s:y#,s:O}", "tier", mf_tier_name(plan->tier), "source",
                         plan->source ? plan->source : "", "defines", defines, "launches", launches,
                         "scratch_floats", (unsigned long long)plan->scratch_floats, "threadgroup_memory",
                         plan->threadgroup_memory, "params", (const char *)&plan->params,
-                        (Py_ssize_t)sizeof plan->params);
+                        (Py_ssize_t)sizeof plan->params, "append", append);
 done:
     Py_XDECREF(defines);
     Py_XDECREF(launches);
+    Py_XDECREF(append);
+    return res;
+}
+
+PyDoc_STRVAR(kvcache_metal_plan_doc,
+"kvcache_metal_plan($module, tier, caps, /, fn, q, k_cache, v_cache, ...same as kvcache...)\n--\n\n"
+"The launch plan of a flash_attn_with_kvcache call on a Metal tier (or 'auto') for a device with\n"
+"the given capabilities, like metal_plan, with out, lse and q_rot allocated exactly as kvcache()\n"
+"allocates them (CPU tensors here; their strides are in params): a dict with metal_plan's keys\n"
+"(append: None, or source, defines, launch and params (bytes of mf_append_params) of the\n"
+"append + rotary pass) plus out, lse and q_rot (None when absent). Nothing is computed or\n"
+"written. Raises RuntimeError with the reason when the tier does not serve the call.");
+
+/* tier name and caps from the first two positional arguments; -1 with an exception set */
+static int plan_tier_and_caps(PyObject *args, const char *fn, int *tier, int *is_auto, mf_metal_caps *caps) {
+    if (PyTuple_GET_SIZE(args) < 2) {
+        PyErr_Format(PyExc_TypeError, "%s: expected tier and caps first", fn);
+        return -1;
+    }
+    const char *tier_name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(args, 0));
+    if (tier_name == NULL || caps_from_dict(PyTuple_GET_ITEM(args, 1), caps) < 0) return -1;
+    *tier = -1;
+    *is_auto = strcmp(tier_name, "auto") == 0;
+    for (int t = 0; t < MF_NUM_TIERS; t++)
+        if (strcmp(tier_name, mf_tier_name((mf_tier)t)) == 0) *tier = t;
+    if (*tier < 0 && !*is_auto) {
+        PyErr_Format(PyExc_ValueError, "%s: unknown tier '%s'", fn, tier_name);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_kvcache_metal_plan(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    call_args a;
+    mf_problem pb;
+    mf_metal_caps caps;
+    mf_metal_plan plan;
+    mf_error err = {MF_OK, ""};
+    PyObject *out = NULL, *lse = NULL, *q_rot = NULL, *res = NULL;
+    int tier, is_auto, rc;
+    if (plan_tier_and_caps(args, "kvcache_metal_plan", &tier, &is_auto, &caps) < 0) return NULL;
+    PyObject *rest = PyTuple_GetSlice(args, 2, PyTuple_GET_SIZE(args));
+    if (rest == NULL) return NULL;
+    int ok = parse_kvcache(rest, kwargs, &a);
+    Py_DECREF(rest);
+    if (!ok) return NULL;
+    a.out = a.lse = a.q_rot = Py_None;
+    if (build(&a, &pb, &err)) return raise(&err);
+    if ((rc = alloc_outputs(&a, &pb, &out, &lse, &q_rot, &err))) {
+        if (rc > 0) raise(&err);
+        goto done;
+    }
+    if (is_auto) {
+        tier = (int)mf_metal_choose(&pb, &caps);
+        if (tier == MF_NUM_TIERS) {
+            mf_fail(&err, MF_ERR_RUNTIME, "[%s] no Metal tier serves this call on this device", a.fn);
+            raise(&err);
+            goto done;
+        }
+    }
+    if (mf_metal_plan_make(&pb, (mf_tier)tier, &caps, &plan, &err)) {
+        raise(&err);
+        goto done;
+    }
+    res = plan_to_dict(&plan);
+    if (res != NULL && (PyDict_SetItemString(res, "out", out) < 0 ||
+                        PyDict_SetItemString(res, "lse", lse ? lse : Py_None) < 0 ||
+                        PyDict_SetItemString(res, "q_rot", q_rot ? q_rot : Py_None) < 0))
+        Py_CLEAR(res);
+done:
+    Py_XDECREF(out);
+    Py_XDECREF(lse);
+    Py_XDECREF(q_rot);
     return res;
 }
 
@@ -540,6 +697,8 @@ static PyMethodDef methods[] = {
     {"metal_params", (PyCFunction)(void (*)(void))py_metal_params, METH_VARARGS | METH_KEYWORDS, metal_params_doc},
     {"plan", (PyCFunction)(void (*)(void))py_plan, METH_VARARGS | METH_KEYWORDS, plan_doc},
     {"metal_plan", (PyCFunction)(void (*)(void))py_metal_plan, METH_VARARGS | METH_KEYWORDS, metal_plan_doc},
+    {"kvcache_metal_plan", (PyCFunction)(void (*)(void))py_kvcache_metal_plan, METH_VARARGS | METH_KEYWORDS,
+     kvcache_metal_plan_doc},
     {"metal_source", py_metal_source, METH_O, metal_source_doc},
     {"metal_files", py_metal_files, METH_NOARGS, metal_files_doc},
     {"disable_metal", py_disable_metal, METH_O, disable_metal_doc},

@@ -7,11 +7,24 @@
  *
  * Defines (compile time):
  *   MF_DTYPE  0 | 1 | 2      storage type MF_T of q, k, v, o: float | half | bfloat (mf_msl.h).
- *   MF_MAX_D  64 | 128 | 256 (or any multiple of 32, default 128): upper bound of BOTH head_dim
- *                            and head_dim_v. Each lane holds MF_MAX_D / 32 elements of q and of
- *                            the output accumulator (element d lives on lane d % 32). The host
- *                            picks the smallest value >= max(head_dim, head_dim_v); a launch
- *                            with a larger head dim is invalid (the kernel does not check).
+ *   MF_MAX_D  64 | 128 | 256 | 384 | 576 (any multiple of 32, default 128): upper bound of
+ *                            head_dim. Each lane holds MF_MAX_D / 32 elements of q (element d
+ *                            lives on lane d % 32).
+ *   MF_MAX_DV 64 | 128 | 256 | 384 | 512 (any multiple of 32, default MF_MAX_D): upper bound of
+ *                            head_dim_v; each lane holds MF_MAX_DV / 32 elements of the output
+ *                            accumulator. The host picks the smallest choices covering the head
+ *                            dims (DeepSeek MLA decode: 576 / 512); a launch with a larger head
+ *                            dim is invalid (the kernel does not check).
+ *   MF_PAGED  0 | 1 (default 0): 1 when K/V are paged (MF_FLAG_PAGED): key j of sequence b lives
+ *                            in block kv_index[b * block_table_stride_b + j / page_size], row
+ *                            j % page_size (mf_params.h). With 0 the kernels read dense K/V, with
+ *                            the cache row of each sequence from kv_index under
+ *                            MF_FLAG_KV_BATCH_IDX (a runtime flag: one load per row).
+ *
+ * KV layouts and lengths (runtime flags, mf_params.h): MF_FLAG_SEQUSED_K gives sequence b
+ * seqused_k[b] + seqlen_new keys; MF_FLAG_LEFTPAD_K makes leftpad_k[b] the first visible key
+ * (positions, causal alignment and ALiBi distances stay absolute); varlen + paged takes the
+ * lengths from cu_seqlens_k and starts every sequence at key 0 of its blocks.
  *
  * Kernels (all take the fixed signature of MF_ATTN_KERNEL, buffer slots of mf_params.h):
  *
@@ -42,7 +55,8 @@
  *   threadgroup barriers, so R is free.)
  *
  * Splitting pays when heads_q * seqlen_q * batch simdgroups cannot fill the GPU and the rows
- * are long (decode): then pick num_splits so each split still has a few hundred keys.
+ * are long (decode, and 9-64 query rows per sequence over a long cache: chunked prefill,
+ * speculative decoding): then pick num_splits so each split still has a few hundred keys.
  * (split_size = ceil(seqlen_k / num_splits), set by the host; a split past a row's visible keys
  * just stores an empty record.)
  *
@@ -70,7 +84,18 @@
 #error "MF_MAX_D must be a positive multiple of 32"
 #endif
 
-#define MF_VEC_NE (MF_MAX_D / 32) /* head-dim elements per lane */
+#ifndef MF_MAX_DV
+#define MF_MAX_DV MF_MAX_D
+#endif
+#if (MF_MAX_DV % 32) != 0 || MF_MAX_DV <= 0
+#error "MF_MAX_DV must be a positive multiple of 32"
+#endif
+#ifndef MF_PAGED
+#define MF_PAGED 0
+#endif
+
+#define MF_VEC_NE (MF_MAX_D / 32)   /* q/k head-dim elements per lane */
+#define MF_VEC_NEV (MF_MAX_DV / 32) /* v head-dim elements per lane */
 #define MF_VEC_KEYS 4             /* keys per step of the key loop */
 #define MF_VEC_LOWEST (-3.0e38f)  /* finite start of running maxima */
 #define MF_VEC_LOG2E 1.4426950408889634f
@@ -81,7 +106,8 @@
 struct mf_vec_row {
     int valid;     /* the row exists (i < this sequence's query length) */
     int start_q;   /* first token of the sequence in q / o (varlen), else 0 */
-    int start_k;
+    int start_k;   /* first key of the sequence in dense K/V (varlen), else 0 */
+    int kvb;       /* dense K/V: the batch row holding the sequence (cache_batch_idx), else b */
     int key_lo;    /* visible keys [key_lo, key_hi) */
     int key_hi;
     long pos;      /* i + sk - sq: the key aligned with this row (bottom-right) */
@@ -92,11 +118,14 @@ struct mf_vec_row {
 struct mf_vec_state {
     float m;
     float l;
-    float acc[MF_VEC_NE];
+    float acc[MF_VEC_NEV];
 };
 
 static inline mf_vec_row mf_vec_locate(MF_DEVICE_PTR(const int) cu_seqlens_q,
                                        MF_DEVICE_PTR(const int) cu_seqlens_k,
+                                       MF_DEVICE_PTR(const int) kv_index,
+                                       MF_DEVICE_PTR(const int) seqused_k,
+                                       MF_DEVICE_PTR(const int) leftpad_k,
                                        constant mf_params &p, int b, int i)
 {
     mf_vec_row r;
@@ -104,16 +133,27 @@ static inline mf_vec_row mf_vec_locate(MF_DEVICE_PTR(const int) cu_seqlens_q,
     int sk = p.seqlen_k;
     r.start_q = 0;
     r.start_k = 0;
+    r.kvb = b;
     if ((p.flags & MF_FLAG_VARLEN) != 0) {
         r.start_q = cu_seqlens_q[b];
-        r.start_k = cu_seqlens_k[b];
         sq = cu_seqlens_q[b + 1] - r.start_q;
-        sk = cu_seqlens_k[b + 1] - r.start_k;
+        sk = cu_seqlens_k[b + 1] - cu_seqlens_k[b];
+        /* paged keys start at 0 in the sequence's blocks */
+        r.start_k = (p.flags & MF_FLAG_PAGED) != 0 ? 0 : cu_seqlens_k[b];
+    }
+    if ((p.flags & MF_FLAG_SEQUSED_K) != 0) {
+        sk = seqused_k[b] + p.seqlen_new;
+    }
+    if ((p.flags & MF_FLAG_KV_BATCH_IDX) != 0) {
+        r.kvb = kv_index[b];
     }
     r.valid = (i < sq) ? 1 : 0;
     r.pos = (long)i + (long)(sk - sq);
     long lo = 0;
     long hi = (long)sk;
+    if ((p.flags & MF_FLAG_LEFTPAD_K) != 0) {
+        lo = (long)leftpad_k[b];
+    }
     if (p.window_left >= 0 && r.pos - (long)p.window_left > lo) {
         lo = r.pos - (long)p.window_left;
     }
@@ -156,7 +196,7 @@ static inline mf_vec_state mf_vec_empty_state()
     mf_vec_state st;
     st.m = MF_VEC_LOWEST;
     st.l = 0.0f;
-    for (int e = 0; e < MF_VEC_NE; ++e) {
+    for (int e = 0; e < MF_VEC_NEV; ++e) {
         st.acc[e] = 0.0f;
     }
     return st;
@@ -164,10 +204,38 @@ static inline mf_vec_state mf_vec_empty_state()
 
 /* Online softmax of row i (head h, batch b) over keys [j0, j1) of its sequence. Must be called
  * by the whole simdgroup with uniform arguments (it uses simd_sum). */
+/* Element offsets of the rows of key j in K and in V (kv head hk included). */
+struct mf_vec_key {
+    long k;
+    long v;
+};
+
+static inline mf_vec_key mf_vec_key_at(MF_DEVICE_PTR(const int) kv_index, constant mf_params &p,
+                                       mf_vec_row r, int b, long hk, int j)
+{
+    mf_vec_key o;
+#if MF_PAGED
+    (void)r;
+    const int page = j / p.page_size;
+    const long blk = (long)kv_index[(long)b * p.block_table_stride_b + page];
+    const long slot = (long)(j - page * p.page_size);
+    o.k = blk * p.k_stride_b + slot * p.k_stride_s + hk * p.k_stride_h;
+    o.v = blk * p.v_stride_b + slot * p.v_stride_s + hk * p.v_stride_h;
+#else
+    (void)kv_index;
+    (void)b;
+    const long row = (long)(r.start_k + j);
+    o.k = (long)r.kvb * p.k_stride_b + row * p.k_stride_s + hk * p.k_stride_h;
+    o.v = (long)r.kvb * p.v_stride_b + row * p.v_stride_s + hk * p.v_stride_h;
+#endif
+    return o;
+}
+
 static inline mf_vec_state mf_vec_attend(MF_DEVICE_PTR(const MF_T) q,
                                          MF_DEVICE_PTR(const MF_T) k,
                                          MF_DEVICE_PTR(const MF_T) v,
-                                         MF_DEVICE_PTR(const float) alibi, constant mf_params &p,
+                                         MF_DEVICE_PTR(const float) alibi,
+                                         MF_DEVICE_PTR(const int) kv_index, constant mf_params &p,
                                          mf_vec_row r, int b, int h, int i, uint lane, int j0,
                                          int j1)
 {
@@ -190,10 +258,6 @@ static inline mf_vec_state mf_vec_attend(MF_DEVICE_PTR(const MF_T) q,
     MF_DEVICE_PTR(const MF_T) qrow = q + (long)b * p.q_stride_b +
                                      (long)(r.start_q + i) * p.q_stride_s + (long)h * p.q_stride_h;
     const long hk = (long)(h / p.group);
-    MF_DEVICE_PTR(const MF_T) kbase = k + (long)b * p.k_stride_b +
-                                      (long)r.start_k * p.k_stride_s + hk * p.k_stride_h;
-    MF_DEVICE_PTR(const MF_T) vbase = v + (long)b * p.v_stride_b +
-                                      (long)r.start_k * p.v_stride_s + hk * p.v_stride_h;
 
     float qr[MF_VEC_NE];
     for (int e = 0; e < MF_VEC_NE; ++e) {
@@ -203,10 +267,13 @@ static inline mf_vec_state mf_vec_attend(MF_DEVICE_PTR(const MF_T) q,
 
     for (int j = j0; j < j1; j += MF_VEC_KEYS) {
         float s[MF_VEC_KEYS];
+        mf_vec_key at[MF_VEC_KEYS];
         for (int u = 0; u < MF_VEC_KEYS; ++u) {
             /* keys past j1 re-read the last key (in bounds) and are dropped below */
-            const int ju = min(j + u, j1 - 1);
-            MF_DEVICE_PTR(const MF_T) krow = kbase + (long)ju * p.k_stride_s;
+            at[u] = mf_vec_key_at(kv_index, p, r, b, hk, min(j + u, j1 - 1));
+        }
+        for (int u = 0; u < MF_VEC_KEYS; ++u) {
+            MF_DEVICE_PTR(const MF_T) krow = k + at[u].k;
             float part = 0.0f;
             for (int e = 0; e < MF_VEC_NE; ++e) {
                 const int d = (int)lane + 32 * e;
@@ -238,13 +305,12 @@ static inline mf_vec_state mf_vec_attend(MF_DEVICE_PTR(const MF_T) q,
         }
         st.l = st.l * corr + psum;
         st.m = mstep;
-        for (int e = 0; e < MF_VEC_NE; ++e) {
+        for (int e = 0; e < MF_VEC_NEV; ++e) {
             const int d = (int)lane + 32 * e;
             if (d < dv) {
                 float a = st.acc[e] * corr;
                 for (int u = 0; u < MF_VEC_KEYS; ++u) {
-                    const int ju = min(j + u, j1 - 1);
-                    a = fma(pr[u], float(vbase[(long)ju * p.v_stride_s + d]), a);
+                    a = fma(pr[u], float(v[at[u].v + d]), a);
                 }
                 st.acc[e] = a;
             }
@@ -263,7 +329,7 @@ static inline void mf_vec_store_row(MF_DEVICE_PTR(MF_T) o, MF_DEVICE_PTR(float) 
     const float inv = seen ? 1.0f / st.l : 0.0f;
     MF_DEVICE_PTR(MF_T) orow = o + (long)b * p.o_stride_b +
                                (long)(r.start_q + i) * p.o_stride_s + (long)h * p.o_stride_h;
-    for (int e = 0; e < MF_VEC_NE; ++e) {
+    for (int e = 0; e < MF_VEC_NEV; ++e) {
         const int d = (int)lane + 32 * e;
         if (d < dv) {
             orow[d] = MF_T(st.acc[e] * inv);
@@ -290,12 +356,13 @@ MF_ATTN_KERNEL(mf_attn_vec)
     const int h = t.h;
     const int i = t.i;
     const int b = (int)tg_pos.z;
-    const mf_vec_row r = mf_vec_locate(cu_seqlens_q, cu_seqlens_k, params, b, i);
+    const mf_vec_row r = mf_vec_locate(cu_seqlens_q, cu_seqlens_k, kv_index, seqused_k, leftpad_k,
+                                       params, b, i);
     if (r.valid == 0) {
         return;
     }
-    const mf_vec_state st = mf_vec_attend(q, k, v, alibi, params, r, b, h, i, lane, r.key_lo,
-                                          r.key_hi);
+    const mf_vec_state st = mf_vec_attend(q, k, v, alibi, kv_index, params, r, b, h, i, lane,
+                                          r.key_lo, r.key_hi);
     mf_vec_store_row(o, lse, params, r, b, h, i, lane, st);
 }
 
@@ -310,7 +377,8 @@ MF_ATTN_KERNEL(mf_attn_vec_split)
     const int b = (int)tg_pos.z;
     const int nsplit = params.num_splits;
     const int split = (int)tg_pos.y;
-    const mf_vec_row r = mf_vec_locate(cu_seqlens_q, cu_seqlens_k, params, b, i);
+    const mf_vec_row r = mf_vec_locate(cu_seqlens_q, cu_seqlens_k, kv_index, seqused_k, leftpad_k,
+                                       params, b, i);
     if (r.valid == 0) {
         return;
     }
@@ -318,7 +386,8 @@ MF_ATTN_KERNEL(mf_attn_vec_split)
     const long last = first + params.split_size;
     const int j0 = (first > (long)r.key_lo) ? (int)first : r.key_lo;
     const int j1 = (last < (long)r.key_hi) ? (int)last : r.key_hi;
-    const mf_vec_state st = mf_vec_attend(q, k, v, alibi, params, r, b, h, i, lane, j0, j1);
+    const mf_vec_state st = mf_vec_attend(q, k, v, alibi, kv_index, params, r, b, h, i, lane, j0,
+                                          j1);
 
     const int dv = params.head_dim_v;
     const long rec = ((((long)b * params.heads_q + h) * params.seqlen_q + i) * nsplit + split) *
@@ -328,7 +397,7 @@ MF_ATTN_KERNEL(mf_attn_vec_split)
         part[0] = st.m;
         part[1] = st.l;
     }
-    for (int e = 0; e < MF_VEC_NE; ++e) {
+    for (int e = 0; e < MF_VEC_NEV; ++e) {
         const int d = (int)lane + 32 * e;
         if (d < dv) {
             part[2 + d] = st.acc[e];
@@ -345,7 +414,8 @@ MF_ATTN_KERNEL(mf_attn_vec_merge)
     const int h = t.h;
     const int i = t.i;
     const int b = (int)tg_pos.z;
-    const mf_vec_row r = mf_vec_locate(cu_seqlens_q, cu_seqlens_k, params, b, i);
+    const mf_vec_row r = mf_vec_locate(cu_seqlens_q, cu_seqlens_k, kv_index, seqused_k, leftpad_k,
+                                       params, b, i);
     if (r.valid == 0) {
         return;
     }
@@ -368,7 +438,7 @@ MF_ATTN_KERNEL(mf_attn_vec_merge)
         if (ls > 0.0f) {
             const float w = exp2(rec[0] - m);
             st.l = fma(ls, w, st.l);
-            for (int e = 0; e < MF_VEC_NE; ++e) {
+            for (int e = 0; e < MF_VEC_NEV; ++e) {
                 const int d = (int)lane + 32 * e;
                 if (d < dv) {
                     st.acc[e] = fma(rec[2 + d], w, st.acc[e]);

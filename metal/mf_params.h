@@ -109,4 +109,45 @@ typedef struct mf_params {
 
 #define MF_PARAMS_SIZE 208
 
+/* The append + rotary pass of a kv cache call (metal/kv_append.metal, csrc/cpu/kv_append.c for the
+ * math) has buffer slots of its own; the cache, the block table / kv batch index and the cache
+ * lengths sit where attention has them, so both passes address the cache identically:
+ *   0 q_src      const T   the caller's q (B, Sq, Hq, D), strides qs_stride_*
+ *   1 k_cache    T         written: new (rotated) k rows at key position seqused_k[b] + t
+ *   2 v_cache    T         written: new v rows, bitwise copies
+ *   3 q_rot      T         written: q rotated (rotate_q only); strides = params.q_stride_*
+ *   4 k_new      const T   (B, S_new, Hk, D), strides kn_stride_*
+ *   5 v_new      const T   (B, S_new, Hk, Dv), strides vn_stride_*
+ *   6 rotary_cos const T   (seqlen_ro, rotary_dim / 2), row stride cos_stride
+ *   7 rotary_sin const T   likewise, sin_stride
+ *   8 this struct (mf_append_params, by value: setBytes)
+ *   9 mf_params  the attention problem's params (cache strides, page size, flags, q_rot strides)
+ *  10 kv_index   const int block table or kv batch index (as attention)
+ *  11 seqused_k  const int cache lengths before the call
+ *  12 (unused: rotary positions are not shifted by cache_leftpad) */
+#define MF_APP_SLOT_Q_SRC 0
+#define MF_APP_SLOT_K_CACHE 1
+#define MF_APP_SLOT_V_CACHE 2
+#define MF_APP_SLOT_Q_ROT 3
+#define MF_APP_SLOT_K_NEW 4
+#define MF_APP_SLOT_V_NEW 5
+#define MF_APP_SLOT_COS 6
+#define MF_APP_SLOT_SIN 7
+#define MF_APP_SLOT_APP_PARAMS 8
+
+typedef struct mf_append_params {
+    mf_i64 kn_stride_b, kn_stride_s, kn_stride_h; /* k_new (elements) */
+    mf_i64 vn_stride_b, vn_stride_s, vn_stride_h; /* v_new */
+    mf_i64 qs_stride_b, qs_stride_s, qs_stride_h; /* q_src */
+    mf_i64 cos_stride, sin_stride;                /* between rotary positions */
+    mf_i32 seqlen_new;   /* new rows per sequence */
+    mf_i32 rotary_dim;   /* 0: k copied bitwise, q not rotated */
+    mf_i32 interleaved;  /* 1: GPT-J pairs (2i, 2i+1); 0: GPT-NeoX halves (i, i + rotary_dim/2) */
+    mf_i32 q_per_row;    /* q row i rotated at seqused_k[b] + i (causal/local), else at seqused_k[b] */
+    mf_i32 rotate_q;     /* 1: q rows are rotated into q_rot (rotary_dim > 0) */
+    mf_i32 reserved0;
+} mf_append_params;
+
+#define MF_APPEND_PARAMS_SIZE 112
+
 #endif /* MF_PARAMS_H */

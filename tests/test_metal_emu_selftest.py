@@ -85,14 +85,14 @@ def launch_error(library, kernel, **kw):
 def test_harness_basics():
     library = lib("sync")
     assert "st_neighbour_barrier" in library.kernels()
-    assert emu.PARAMS_SIZE == 192
+    assert emu.PARAMS_SIZE == 208 and emu.NUM_SLOTS == 13
     assert emu.build(SELFTEST / "sync.metal", defines={"MF_DTYPE": 0}) is library
     p = emu.pack_params(head_dim=64, seqlen_q=7, scale=0.5, q_stride_s=1 << 40)
     fields = emu.unpack_params(p)
     assert (fields["head_dim"], fields["seqlen_q"], fields["scale"], fields["q_stride_s"]) == (64, 7, 0.5, 1 << 40)
     with pytest.raises(KeyError):
         emu.pack_params(no_such_field=1)
-    with pytest.raises(ValueError, match="192"):
+    with pytest.raises(ValueError, match="208"):
         library.launch("st_neighbour_barrier", (1,), (32,), {9: b"\0" * 100})
     with pytest.raises(emu.EmuError, match="no kernel named 'nope'"):
         library.launch("nope", (1,), (32,), {})
@@ -219,6 +219,34 @@ def test_out_of_bounds_read_and_write_caught(dtype):
     msg = launch_error(library, "st_read_before_start", grid=(1,), threadgroup=(32,),
                        buffers={0: q, 3: o, 9: emu.pack_params(seqlen_q=5)})
     assert f"byte offset {-size} (element index -1)" in msg
+
+
+def test_kv_slots_and_append_kernel_slots():
+    library = lib("bounds")
+    o = np.zeros(4, np.float32)
+    ints = [np.array([v], np.int32) for v in (3, 5)] + [np.array([7, 9], np.int32)]
+    library.launch("st_kv_slots", (1,), (32,), {3: o, 10: ints[0], 11: ints[1], 12: ints[2],
+                                                 9: emu.pack_params(seqlen_q=1)})
+    assert list(o[:3]) == [3.0, 5.0, 9.0]
+    msg = launch_error(library, "st_kv_slots", grid=(1,), threadgroup=(32,),
+                       buffers={3: o, 10: ints[0], 11: ints[1], 12: ints[2], 9: emu.pack_params(seqlen_q=2)})
+    assert "out-of-bounds access to buffer 'leftpad_k (slot 12)'" in msg
+    msg = launch_error(library, "st_kv_slots", grid=(1,), threadgroup=(32,), buffers={3: o})
+    assert "'kv_index (slot 10)', which is not bound" in msg
+    with pytest.raises(ValueError, match="slot"):
+        library.launch("st_kv_slots", (1,), (32,), {13: o})
+
+    k, v, qr = (np.zeros(2, np.float32) for _ in range(3))
+    ones = [np.ones(2, np.float32) for _ in range(5)]
+    ap = np.frombuffer(emu.pack_append_params(rotary_dim=16, seqlen_new=2), np.uint8).copy()
+    assert emu.unpack_append_params(bytes(ap))["rotary_dim"] == 16 and emu.APPEND_PARAMS_SIZE == 112
+    bufs = {0: ones[0], 1: k, 2: v, 3: qr, 4: ones[1], 5: ones[2], 6: ones[3], 7: ones[4], 8: ap,
+            9: emu.pack_params(head_dim=10), 10: ints[0], 11: ints[1]}
+    library.launch("st_append_slots", (1,), (32,), bufs)
+    assert (k[0], v[0], qr[0]) == (16.0, 2.0 + 3.0 + 5.0, 5.0 + 10.0)
+    bufs[8] = ap[:100]
+    msg = launch_error(library, "st_append_slots", grid=(1,), threadgroup=(32,), buffers=bufs)
+    assert "slot 8 must hold the 112 bytes of mf_append_params" in msg
 
 
 def test_unbound_slot_threadgroup_index_and_alignment_caught():

@@ -68,14 +68,17 @@ def params_of(p):
 def test_vec_prefill_plan():
     p = plan(B=2, sq=100, hq=8, hk=2, d=80)
     assert p["source"] == "attn_vec.metal"
-    assert p["defines"] == {"MF_DTYPE": 1, "MF_MAX_D": 128}
+    assert p["defines"] == {"MF_DTYPE": 1, "MF_MAX_D": 128, "MF_MAX_DV": 128, "MF_PAGED": 0}
+    assert p["append"] is None
     assert p["launches"] == [("mf_attn_vec", (200, 1, 2), (128, 1, 1))]
     assert p["scratch_floats"] == 0 and params_of(p)["num_splits"] == 1
 
 
-@pytest.mark.parametrize("d,dv,max_d", [(32, 32, 64), (64, 64, 64), (65, 16, 128), (40, 200, 256), (256, 256, 256)])
-def test_vec_head_dim_variants(d, dv, max_d):
-    assert plan(d=d, dv=dv)["defines"]["MF_MAX_D"] == max_d
+@pytest.mark.parametrize("d,dv,max_d,max_dv", [(32, 32, 64, 64), (64, 64, 64, 64), (65, 16, 128, 64),
+                                               (40, 200, 64, 256), (256, 256, 256, 256), (576, 512, 576, 512)])
+def test_vec_head_dim_variants(d, dv, max_d, max_dv):
+    defines = plan(d=d, dv=dv)["defines"]
+    assert (defines["MF_MAX_D"], defines["MF_MAX_DV"]) == (max_d, max_dv)
 
 
 def test_vec_decode_splits_keys():
@@ -156,9 +159,21 @@ def test_vec_plan_varlen_runs():
 
 # --- the automatic choice and the simdgroup tier's plans -------------------------------------------
 
-@pytest.mark.parametrize("sq,expected", [(1, "vec"), (8, "vec"), (9, "simdgroup"), (4096, "simdgroup")])
-def test_auto_choice_decode_to_vec_prefill_to_simdgroup(sq, expected):
-    assert plan("auto", sq=sq, sk=4096)["tier"] == expected
+@pytest.mark.parametrize("sq,sk,expected", [(1, 4096, "vec"), (8, 4096, "vec"), (9, 512, "simdgroup"),
+                                            (9, 4096, "vec"), (64, 4096, "vec"), (65, 4096, "simdgroup"),
+                                            (4096, 4096, "simdgroup")])
+def test_auto_choice_decode_to_vec_prefill_to_simdgroup(sq, sk, expected):
+    # 9-64 rows over long keys: vec's split-KV path (the simdgroup tier has no key splitting)
+    assert plan("auto", sq=sq, sk=sk)["tier"] == expected
+
+
+def test_auto_choice_many_short_rows_stay_on_simdgroup():
+    # 64 rows but enough threadgroups for the simdgroup tier (B * Hq * 2 >= 64): no split needed
+    assert plan("auto", B=8, sq=64, sk=4096, hq=8)["tier"] == "simdgroup"
+    # 540 rows in 60 threadgroups of the simdgroup tier (one per head): too few, vec splits
+    p = plan("auto", B=1, sq=9, sk=4096, hq=60, hk=2)
+    assert p["tier"] == "vec" and params_of(p)["num_splits"] == 8
+    assert plan("auto", B=1, sq=9, sk=4096, hq=64, hk=2)["tier"] == "simdgroup"
 
 
 @pytest.mark.parametrize("tier", ["auto", "vec", "simdgroup"])

@@ -53,11 +53,12 @@ def test_stream_mode_encodes_the_plan():
     for (name, args, kw), (kernel, grid, tg) in zip(rec.calls, plan["launches"]):
         assert kw["threads"] == [g * t for g, t in zip(grid, tg)]
         assert kw["group_size"] == list(tg)
-        assert len(args) == 10
+        assert len(args) == 13  # slots 0..8, the params at 9, the kv-layout slots 10..12
         assert args[0] is q and args[1] is k and args[2] is k and args[3] is out
         assert args[4].dtype == torch.uint8 and args[4].numel() == 16  # no lse: dummy
         assert args[8].dtype == torch.float32 and args[8].numel() == plan["scratch_floats"]
-        assert struct.pack("<24q", *args[9]) == plan["params"]
+        assert struct.pack(f"<{len(args[9])}q", *args[9]) == plan["params"]
+        assert all(args[s].dtype == torch.uint8 and args[s].numel() == 16 for s in (10, 11, 12))  # dense
     # the split and the merge launch see the same scratch buffer
     assert rec.calls[0][1][8] is rec.calls[1][1][8]
 

@@ -22,8 +22,11 @@ int mf_metal_caps_of(uint64_t mtl_buffer, mf_metal_caps *caps, char *err, size_t
  * device, commits, waits, and checks the command buffer's status. Call without the GIL, after
  * torch.mps.synchronize(), with every tensor referenced until it returns. Slot MF_SLOT_SCRATCH
  * is allocated here when the plan needs scratch; MF_SLOT_PARAMS comes from plan->params.
- * Returns 0, or -1 with the error text (compile errors, GPU errors) in err. */
-int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_SLOTS], char *err,
-                 size_t err_len);
+ * With plan->append present, its launch runs first with app_slots (the append pass's slot layout,
+ * mf_params.h; slot 8 = plan->append.params by setBytes), then a buffer barrier, then the
+ * attention launches with slots. Returns 0, or -1 with the error text (compile errors, GPU
+ * errors) in err. */
+int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_SLOTS],
+                 const mf_metal_binding app_slots[MF_NUM_SLOTS], char *err, size_t err_len);
 
 #endif /* MF_METAL_BRIDGE_H */

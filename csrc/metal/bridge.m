@@ -112,7 +112,7 @@ int mf_metal_caps_of(uint64_t mtl_buffer, mf_metal_caps *caps, char *err, size_t
     }
 }
 
-static MTLCompileOptions *compile_options(const mf_metal_plan *plan) {
+static MTLCompileOptions *compile_options(const mf_metal_define *defines, int n_defines) {
     MTLCompileOptions *opt = [MTLCompileOptions new];
     /* No fast math and precise library functions: mathMode exists only in the macOS 15 SDK (and
      * @available checks the running OS, not the SDK), so older SDKs use fastMathEnabled. */
@@ -136,20 +136,22 @@ static MTLCompileOptions *compile_options(const mf_metal_plan *plan) {
         opt.languageVersion = (MTLLanguageVersion)(3 << 16);
     }
     NSMutableDictionary *macros = [NSMutableDictionary dictionary];
-    for (int i = 0; i < plan->n_defines; i++)
-        macros[@(plan->defines[i].name)] = @(plan->defines[i].value);
+    for (int i = 0; i < n_defines; i++)
+        macros[@(defines[i].name)] = @(defines[i].value);
     opt.preprocessorMacros = macros;
     return opt;
 }
 
-/* The pipeline of one kernel of the plan. Caches are looked up under g_lock; a compile runs
- * outside it (two threads may compile the same variant once each: harmless). */
-static id<MTLComputePipelineState> pipeline_for(id<MTLDevice> dev, const mf_metal_plan *plan,
+/* The pipeline of one kernel of a source compiled with some defines (the plan's attention
+ * program, or its append pass). Caches are looked up under g_lock; a compile runs outside it
+ * (two threads may compile the same variant once each: harmless). */
+static id<MTLComputePipelineState> pipeline_for(id<MTLDevice> dev, const char *source,
+                                                const mf_metal_define *defines, int n_defines,
                                                 const char *kernel, char *err, size_t n) {
     NSMutableString *lib_key = [NSMutableString stringWithFormat:@"%llu|%s", (unsigned long long)dev.registryID,
-                                                                 plan->source];
-    for (int i = 0; i < plan->n_defines; i++)
-        [lib_key appendFormat:@"|%s=%d", plan->defines[i].name, plan->defines[i].value];
+                                                                 source];
+    for (int i = 0; i < n_defines; i++)
+        [lib_key appendFormat:@"|%s=%d", defines[i].name, defines[i].value];
     NSString *pipe_key = [NSString stringWithFormat:@"%@|%s", lib_key, kernel];
 
     pthread_mutex_lock(&g_lock);
@@ -159,7 +161,7 @@ static id<MTLComputePipelineState> pipeline_for(id<MTLDevice> dev, const mf_meta
     if (ps != nil) return ps;
     if (lib == nil) {
         mf_error e = {MF_OK, ""};
-        char *text = mf_metal_source(plan->source, &e);
+        char *text = mf_metal_source(source, &e);
         if (text == NULL) {
             snprintf(err, n, "%s", e.msg);
             return nil;
@@ -167,13 +169,13 @@ static id<MTLComputePipelineState> pipeline_for(id<MTLDevice> dev, const mf_meta
         NSString *src = [NSString stringWithUTF8String:text];
         free(text);
         if (src == nil) {
-            snprintf(err, n, "%s is not valid UTF-8", plan->source);
+            snprintf(err, n, "%s is not valid UTF-8", source);
             return nil;
         }
         NSError *error = nil;
-        lib = [dev newLibraryWithSource:src options:compile_options(plan) error:&error];
+        lib = [dev newLibraryWithSource:src options:compile_options(defines, n_defines) error:&error];
         if (lib == nil) {
-            set_err(err, n, [NSString stringWithFormat:@"compiling %s failed", plan->source], error);
+            set_err(err, n, [NSString stringWithFormat:@"compiling %s failed", source], error);
             return nil;
         }
         pthread_mutex_lock(&g_lock);
@@ -182,7 +184,7 @@ static id<MTLComputePipelineState> pipeline_for(id<MTLDevice> dev, const mf_meta
     }
     id<MTLFunction> fn = [lib newFunctionWithName:@(kernel)];
     if (fn == nil) {
-        snprintf(err, n, "kernel %s not found in %s", kernel, plan->source);
+        snprintf(err, n, "kernel %s not found in %s", kernel, source);
         return nil;
     }
     NSError *error = nil;
@@ -202,11 +204,33 @@ static id<MTLComputePipelineState> pipeline_for(id<MTLDevice> dev, const mf_meta
     return ps;
 }
 
-int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_SLOTS], char *err,
-                 size_t err_len) {
+/* Binds one launch's buffers: every slot but the params, unbound ones to the dummy buffer;
+ * `bytes_slot` (>= 0) gets `bytes` by setBytes instead (the append pass's own params). */
+static void bind_slots(id<MTLComputeCommandEncoder> enc, const mf_metal_binding slots[MF_NUM_SLOTS],
+                       id<MTLBuffer> scratch, id<MTLBuffer> dummy, int bytes_slot, const void *bytes,
+                       size_t n_bytes) {
+    for (int s = 0; s < MF_NUM_SLOTS; s++) {
+        if (s == MF_SLOT_PARAMS) continue;
+        if (s == bytes_slot)
+            [enc setBytes:bytes length:n_bytes atIndex:(NSUInteger)s];
+        else if (s == MF_SLOT_SCRATCH && scratch != nil)
+            [enc setBuffer:scratch offset:0 atIndex:(NSUInteger)s];
+        else if (slots[s].buffer != 0)
+            [enc setBuffer:buffer_from_handle(slots[s].buffer) offset:(NSUInteger)slots[s].offset
+                   atIndex:(NSUInteger)s];
+        else
+            [enc setBuffer:dummy offset:0 atIndex:(NSUInteger)s];
+    }
+}
+
+int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_SLOTS],
+                 const mf_metal_binding app_slots[MF_NUM_SLOTS], char *err, size_t err_len) {
     @autoreleasepool {
-        if (plan->n_launches == 0) return 0;
-        id<MTLBuffer> qbuf = buffer_from_handle(slots[MF_SLOT_Q].buffer);
+        const int has_append = plan->append.present && app_slots != NULL;
+        if (plan->n_launches == 0 && !has_append) return 0;
+        /* the device: q's buffer's, or the cache's (an append with no query rows) */
+        id<MTLBuffer> qbuf = buffer_from_handle(slots[MF_SLOT_Q].buffer != 0 ? slots[MF_SLOT_Q].buffer
+                                                                             : slots[MF_SLOT_K].buffer);
         if (qbuf == nil) {
             snprintf(err, err_len, "q has no Metal buffer");
             return -1;
@@ -214,6 +238,7 @@ int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_
         id<MTLDevice> dev = qbuf.device;
         NSNumber *dev_key = @(dev.registryID);
         id<MTLComputePipelineState> ps[MF_METAL_MAX_LAUNCHES] = {nil};
+        id<MTLComputePipelineState> app_ps = nil;
         id<MTLCommandQueue> queue = nil;
         id<MTLBuffer> dummy = nil;
 
@@ -238,8 +263,14 @@ int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_
         int ok = queue != nil && dummy != nil;
         if (!ok) snprintf(err, err_len, "could not create a command queue or buffer on %s", dev.name.UTF8String);
         for (int i = 0; ok && i < plan->n_launches; i++) {
-            ps[i] = pipeline_for(dev, plan, plan->launches[i].kernel, err, err_len);
+            ps[i] = pipeline_for(dev, plan->source, plan->defines, plan->n_defines, plan->launches[i].kernel, err,
+                                 err_len);
             ok = ps[i] != nil;
+        }
+        if (ok && has_append) {
+            app_ps = pipeline_for(dev, plan->append.source, plan->append.defines, plan->append.n_defines,
+                                  plan->append.launch.kernel, err, err_len);
+            ok = app_ps != nil;
         }
         if (!ok) return -1;
 
@@ -261,6 +292,18 @@ int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_
             snprintf(err, err_len, "could not create a command buffer");
             return -1;
         }
+        if (has_append) { /* the append + rotary pass: its writes are read by the launches below */
+            const mf_metal_launch *l = &plan->append.launch;
+            if (l->grid[0] != 0 && l->grid[1] != 0 && l->grid[2] != 0) {
+                [enc setComputePipelineState:app_ps];
+                bind_slots(enc, app_slots, nil, dummy, MF_APP_SLOT_APP_PARAMS, &plan->append.params,
+                           sizeof(mf_append_params));
+                [enc setBytes:&plan->params length:sizeof(mf_params) atIndex:MF_SLOT_PARAMS];
+                [enc dispatchThreadgroups:MTLSizeMake(l->grid[0], l->grid[1], l->grid[2])
+                    threadsPerThreadgroup:MTLSizeMake(l->threadgroup[0], l->threadgroup[1], l->threadgroup[2])];
+                [enc memoryBarrierWithScope:MTLBarrierScopeBuffers];
+            }
+        }
         for (int i = 0; i < plan->n_launches; i++) {
             const mf_metal_launch *l = &plan->launches[i];
             if (l->grid[0] == 0 || l->grid[1] == 0 || l->grid[2] == 0) continue; /* nothing to do */
@@ -272,15 +315,7 @@ int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_
                 return -1;
             }
             [enc setComputePipelineState:ps[i]];
-            for (int s = 0; s < MF_SLOT_PARAMS; s++) {
-                if (s == MF_SLOT_SCRATCH && scratch != nil)
-                    [enc setBuffer:scratch offset:0 atIndex:(NSUInteger)s];
-                else if (slots[s].buffer != 0)
-                    [enc setBuffer:buffer_from_handle(slots[s].buffer) offset:(NSUInteger)slots[s].offset
-                           atIndex:(NSUInteger)s];
-                else
-                    [enc setBuffer:dummy offset:0 atIndex:(NSUInteger)s];
-            }
+            bind_slots(enc, slots, scratch, dummy, -1, NULL, 0);
             [enc setBytes:&plan->params length:sizeof(mf_params) atIndex:MF_SLOT_PARAMS];
             [enc dispatchThreadgroups:MTLSizeMake(l->grid[0], l->grid[1], l->grid[2])
                 threadsPerThreadgroup:MTLSizeMake(l->threadgroup[0], l->threadgroup[1], l->threadgroup[2])];

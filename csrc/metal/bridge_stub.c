@@ -19,10 +19,11 @@ int mf_metal_caps_of(uint64_t mtl_buffer, mf_metal_caps *caps, char *err, size_t
     return -1;
 }
 
-int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_SLOTS], char *err,
-                 size_t err_len) {
+int mf_metal_run(const mf_metal_plan *plan, const mf_metal_binding slots[MF_NUM_SLOTS],
+                 const mf_metal_binding app_slots[MF_NUM_SLOTS], char *err, size_t err_len) {
     (void)plan;
     (void)slots;
+    (void)app_slots;
     snprintf(err, err_len, "%s", k_reason);
     return -1;
 }

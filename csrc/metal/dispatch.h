@@ -30,11 +30,25 @@ typedef struct mf_metal_launch {
     uint32_t threadgroup[3]; /* threads per threadgroup */
 } mf_metal_launch;
 
+/* The append + rotary pass of a kv cache call: one launch of its own kernel source
+ * (kv_append.metal), encoded before the attention launches in the same command buffer, with a
+ * buffer barrier in between (its cache writes are visible to them). Slots: mf_params.h, "append
+ * pass"; slot 8 is `params` (setBytes), slot 9 the plan's params. */
+typedef struct mf_metal_append {
+    int present;
+    const char *source; /* file in metal/ */
+    int n_defines;
+    mf_metal_define defines[MF_METAL_MAX_DEFINES];
+    mf_metal_launch launch;
+    mf_append_params params;
+} mf_metal_append;
+
 typedef struct mf_metal_plan {
     mf_tier tier;
     const char *source; /* file in metal/ */
     int n_defines;
     mf_metal_define defines[MF_METAL_MAX_DEFINES];
+    mf_metal_append append; /* runs first when present */
     int n_launches; /* run in order, in one command buffer */
     mf_metal_launch launches[MF_METAL_MAX_LAUNCHES];
     uint64_t scratch_floats;      /* fp32 scratch bound at MF_SLOT_SCRATCH (0: none) */
@@ -64,7 +78,9 @@ mf_tier mf_metal_choose(const mf_problem *pb, const mf_metal_caps *caps);
 int mf_metal_plan_make(const mf_problem *pb, mf_tier tier, const mf_metal_caps *caps, mf_metal_plan *plan,
                        mf_error *err);
 
-/* Key splits for the vec tier's decode path: 1 (no split) unless few rows meet many keys. */
-int mf_metal_vec_splits(const mf_params *p);
+/* Key splits for the vec tier: 1 (no split) unless few rows meet many keys (decode, or 9-64
+ * query rows per sequence against a long cache); a kv cache call's num_splits (1: never, n > 1:
+ * n splits) overrides the heuristic. */
+int mf_metal_vec_splits(const mf_problem *pb);
 
 #endif /* MF_METAL_DISPATCH_H */

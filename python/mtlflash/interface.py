@@ -191,7 +191,8 @@ def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, s
             from . import metal_stream
 
             metal_stream.run(stream_plan, {0: q, 1: k, 2: v, 3: out, 4: lse, 5: device_offsets["cu_seqlens_q_device"],
-                                           6: device_offsets["cu_seqlens_k_device"], 7: alibi})
+                                           6: device_offsets["cu_seqlens_k_device"], 7: alibi,
+                                           10: device_offsets.get("block_table_device")})
     except RuntimeError as e:
         # The Metal kernels await their first runs on many machines: under the automatic choice a
         # failed Metal launch turns Metal off for the process (with a warning) and the call runs

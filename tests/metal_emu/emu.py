@@ -34,7 +34,11 @@ PARAMS_HEADER = METAL_DIR / "mf_params.h"
 SCHEDULES = ("forward", "reverse", "random")
 SLOT_Q, SLOT_K, SLOT_V, SLOT_O, SLOT_LSE = 0, 1, 2, 3, 4
 SLOT_CU_Q, SLOT_CU_K, SLOT_ALIBI, SLOT_SCRATCH, SLOT_PARAMS = 5, 6, 7, 8, 9
-NUM_SLOTS = 10
+SLOT_KV_INDEX, SLOT_SEQUSED_K, SLOT_LEFTPAD_K = 10, 11, 12
+NUM_SLOTS = 13
+# the append kernel's own slots (MF_APPEND_KERNEL; 9, 10, 11 as above)
+APP_SLOT_Q_SRC, APP_SLOT_K_CACHE, APP_SLOT_V_CACHE, APP_SLOT_Q_ROT = 0, 1, 2, 3
+APP_SLOT_K_NEW, APP_SLOT_V_NEW, APP_SLOT_COS, APP_SLOT_SIN, APP_SLOT_APP_PARAMS = 4, 5, 6, 7, 8
 MAX_THREADS = 1024
 MAX_THREADGROUP_BYTES = 32768
 
@@ -152,13 +156,13 @@ def require():
 # ----------------------------------------------------------------------------- params
 
 
-def _parse_params_header(path: Path = PARAMS_HEADER):
+def _parse_params_header(path: Path = PARAMS_HEADER, struct_name="mf_params", size_macro="MF_PARAMS_SIZE"):
     text = path.read_text()
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     text = re.sub(r"//[^\n]*", "", text)
-    m = re.search(r"typedef\s+struct\s+mf_params\s*\{(.*?)\}\s*mf_params\s*;", text, re.S)
+    m = re.search(r"typedef\s+struct\s+" + struct_name + r"\s*\{(.*?)\}\s*" + struct_name + r"\s*;", text, re.S)
     if not m:
-        raise EmuError(f"cannot find struct mf_params in {path}")
+        raise EmuError(f"cannot find struct {struct_name} in {path}")
     kinds = {"mf_i64": ("q", 8), "mf_i32": ("i", 4), "float": ("f", 4), "int": ("i", 4)}
     fields, off = [], 0
     for decl in m.group(1).split(";"):
@@ -175,29 +179,45 @@ def _parse_params_header(path: Path = PARAMS_HEADER):
             fields.append((name, code, off))
             off += size
     off = (off + 7) // 8 * 8
-    sm = re.search(r"#define\s+MF_PARAMS_SIZE\s+(\d+)", text)
+    sm = re.search(r"#define\s+" + size_macro + r"\s+(\d+)", text)
     if sm and int(sm.group(1)) != off:
-        raise EmuError(f"mf_params.h: fields add up to {off} bytes, MF_PARAMS_SIZE says {sm.group(1)}")
+        raise EmuError(f"mf_params.h: {struct_name} fields add up to {off} bytes, {size_macro} says {sm.group(1)}")
     return fields, off
 
 
 PARAMS_FIELDS, PARAMS_SIZE = _parse_params_header()
+APPEND_PARAMS_FIELDS, APPEND_PARAMS_SIZE = _parse_params_header(struct_name="mf_append_params",
+                                                                size_macro="MF_APPEND_PARAMS_SIZE")
 
 
-def pack_params(**fields) -> bytes:
-    """The mf_params struct as bytes; unspecified fields are 0."""
-    buf = bytearray(PARAMS_SIZE)
-    known = {name: (code, off) for name, code, off in PARAMS_FIELDS}
+def _pack(struct_name, field_list, size, fields) -> bytes:
+    buf = bytearray(size)
+    known = {name: (code, off) for name, code, off in field_list}
     for name, value in fields.items():
         if name not in known:
-            raise KeyError(f"mf_params has no field {name!r} (fields: {', '.join(known)})")
+            raise KeyError(f"{struct_name} has no field {name!r} (fields: {', '.join(known)})")
         code, off = known[name]
         struct.pack_into("<" + code, buf, off, float(value) if code == "f" else int(value))
     return bytes(buf)
 
 
+def pack_params(**fields) -> bytes:
+    """The mf_params struct as bytes; unspecified fields are 0."""
+    return _pack("mf_params", PARAMS_FIELDS, PARAMS_SIZE, fields)
+
+
 def unpack_params(data: bytes) -> dict:
     return {name: struct.unpack_from("<" + code, data, off)[0] for name, code, off in PARAMS_FIELDS}
+
+
+def pack_append_params(**fields) -> bytes:
+    """The mf_append_params struct (slot 8 of the append kernel) as bytes; unspecified fields are 0.
+    Bind the result as the buffer of slot emu.APP_SLOT_APP_PARAMS."""
+    return _pack("mf_append_params", APPEND_PARAMS_FIELDS, APPEND_PARAMS_SIZE, fields)
+
+
+def unpack_append_params(data: bytes) -> dict:
+    return {name: struct.unpack_from("<" + code, data, off)[0] for name, code, off in APPEND_PARAMS_FIELDS}
 
 
 # ----------------------------------------------------------------------------- build
@@ -441,8 +461,9 @@ class Library:
         sizes = (ctypes.c_size_t * NUM_SLOTS)()
         staged = []
         for slot, obj in buffers.items():
-            if not isinstance(slot, int) or not 0 <= slot < SLOT_PARAMS:
-                raise ValueError(f"buffer slot must be an int in 0..8 (9 is the params), got {slot!r}")
+            if not isinstance(slot, int) or not 0 <= slot < NUM_SLOTS or slot == SLOT_PARAMS:
+                raise ValueError(f"buffer slot must be an int in 0..{NUM_SLOTS - 1} other than {SLOT_PARAMS} "
+                                 f"(the params), got {slot!r}")
             arr = _as_array(obj)
             if not arr.flags.c_contiguous:
                 raise ValueError(f"buffer for slot {slot} must be C-contiguous")

@@ -71,7 +71,8 @@ const unsigned kMaxThreads = 1024;
 const size_t kMaxThreadgroupBytes = 32768;
 const int kMaxArrays = 64;
 const int kMaxKernels = 256;
-const int kNumSlots = 10;
+const int kNumSlots = 13; /* MF_NUM_SLOTS */
+const int kParamsSlot = 9; /* MF_SLOT_PARAMS: passed by value, not a region */
 
 struct kernel_entry {
     const char *name;
@@ -836,7 +837,9 @@ MFEMU_EXPORT int mfemu_launch(const char *kernel, const unsigned grid[3], const 
     static const char *const slot_names[kNumSlots] = {"q (slot 0)", "k (slot 1)", "v (slot 2)", "o (slot 3)",
                                                       "lse (slot 4)", "cu_seqlens_q (slot 5)",
                                                       "cu_seqlens_k (slot 6)", "alibi (slot 7)",
-                                                      "scratch (slot 8)", "params (slot 9)"};
+                                                      "scratch (slot 8)", "params (slot 9)",
+                                                      "kv_index (slot 10)", "seqused_k (slot 11)",
+                                                      "leftpad_k (slot 12)"};
     static char empty_buffer[64] __attribute__((aligned(64)));
     if (err && err_len) err[0] = 0;
     const kernel_entry *ke = nullptr;
@@ -876,7 +879,7 @@ MFEMU_EXPORT int mfemu_launch(const char *kernel, const unsigned grid[3], const 
     memset((void *)&L, 0, sizeof L);
     L.kernel = ke;
     for (int s = 0; s < kNumSlots; s++) {
-        bool bound = s < n_buffers && s != kNumSlots - 1 && buffers && buffers[s];
+        bool bound = s < n_buffers && s != kParamsSlot && buffers && buffers[s];
         L.regions[s] = region{bound ? (char *)buffers[s] : empty_buffer, bound ? buffer_bytes[s] : 0, slot_names[s], 0};
     }
     alignas(16) static unsigned char params_copy[4096];

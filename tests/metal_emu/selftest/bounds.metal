@@ -108,3 +108,24 @@ MF_ATTN_KERNEL(st_endless)
     }
     scratch[tid] = acc;
 }
+
+/* the kv-layout slots 10..12 of MF_ATTN_KERNEL */
+MF_ATTN_KERNEL(st_kv_slots)
+{
+    if (tid == 0) {
+        o[0] = MF_T(float(kv_index[0]));
+        o[1] = MF_T(float(seqused_k[0]));
+        o[2] = MF_T(float(leftpad_k[params.seqlen_q]));
+    }
+}
+
+/* the append kernel's own slots: its params struct (slot 8) and the shared ones */
+MF_APPEND_KERNEL(st_append_slots)
+{
+    if (tid == 0) {
+        k_cache[0] = MF_T(float(aparams.rotary_dim));
+        v_cache[0] = MF_T(float(aparams.seqlen_new) + float(kv_index[0]) + float(seqused_k[0]));
+        q_rot[0] = MF_T(float(q_src[0]) + float(k_new[0]) + float(v_new[0]) + float(rotary_cos[0]) +
+                        float(rotary_sin[0]) + float(params.head_dim));
+    }
+}
