@@ -204,3 +204,23 @@ def test_shim_serves_kvcache(tmp_path):
     env = dict(os.environ, MTLFLASH_SHIM="on")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_rotary_with_zero_new_rows_still_rotates_q():
+    """k/v given with 0 rows: nothing is appended, but q is still rotated (as FA2's kernel does
+    whenever new k/v are passed)."""
+    case = BASE.with_(seqlen_new=0, seqlen_q=3, rotary_dim=32, opts={"causal": True})
+    args, _ = make_call(case)
+    g = torch.Generator().manual_seed(5)
+    args["k"] = torch.randn(2, 0, 2, 64, generator=g)
+    args["v"] = torch.randn(2, 0, 2, 64, generator=g)
+    seqlen_ro = 200
+    ang = torch.rand(seqlen_ro, 16, generator=g) * 6
+    args["rotary_cos"], args["rotary_sin"] = ang.cos(), ang.sin()
+    k0, v0 = args["k_cache"].clone(), args["v_cache"].clone()
+    out, lse = mtlflash.flash_attn_with_kvcache(**args, return_softmax_lse=True)
+    res = reference.compare_kvcache(out, lse, args["q"], k0, v0, **ref_kwargs(args))
+    assert res.ok, res.problems
+    plain = mtlflash.flash_attn_with_kvcache(**{**args, "rotary_cos": None, "rotary_sin": None})
+    assert not torch.allclose(out, plain)  # the rotation made a difference
+    assert torch.equal(args["k_cache"], k0) and torch.equal(args["v_cache"], v0)

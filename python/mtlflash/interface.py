@@ -194,19 +194,7 @@ def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, s
                                            6: device_offsets["cu_seqlens_k_device"], 7: alibi,
                                            10: device_offsets.get("block_table_device")})
     except RuntimeError as e:
-        # The Metal kernels await their first runs on many machines: under the automatic choice a
-        # failed Metal launch turns Metal off for the process (with a warning) and the call runs
-        # on the reference tier. A forced tier (MTLFLASH_KERNEL) still raises.
-        import os
-
-        if not mps or os.environ.get("MTLFLASH_KERNEL", "auto") not in ("", "auto"):
-            raise
-        import warnings
-
-        warnings.warn(f"mtlflash: the Metal backend failed and is off for this process; MPS calls run on "
-                      f"the reference tier. Please report this with `python -m mtlflash check`: {e}",
-                      RuntimeWarning, stacklevel=4)
-        _C.disable_metal(str(e))
+        _metal_failed(mps, e, stacklevel=5)  # the warning points at the caller of the public function
         out, lse, tier, stream_plan = _C.forward(*args, **device_offsets)
     if tier == "reference":
         from . import reference
@@ -218,6 +206,23 @@ def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, s
         out = ref_out.to(q.dtype)
         lse = ref_lse if want_lse else None
     return out, lse, tier
+
+
+def _metal_failed(mps, e, stacklevel):
+    """The Metal kernels await their first runs on many machines: under the automatic choice a
+    failed Metal launch turns Metal off for the process (with a warning) and the caller runs the
+    call again, which then lands on the reference tier. A forced tier (MTLFLASH_KERNEL) and any
+    failure off MPS re-raise."""
+    import os
+
+    if not mps or os.environ.get("MTLFLASH_KERNEL", "auto") not in ("", "auto"):
+        raise e
+    import warnings
+
+    warnings.warn(f"mtlflash: the Metal backend failed and is off for this process; MPS calls run on "
+                  f"the reference tier. Please report this with `python -m mtlflash check`: {e}",
+                  RuntimeWarning, stacklevel=stacklevel)
+    _C.disable_metal(str(e))
 
 
 def _attention(fn, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
@@ -477,12 +482,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     args = (fn, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, batch_idx, leftpad, table,
             softmax_scale, causal, window[0], window[1], softcap, rotary_interleaved, alibi_slopes, num_splits,
             return_softmax_lse)
-    out, lse, tier, stream_plan = _C.kvcache(*args, **device)
-    if stream_plan is not None:
-        from . import metal_stream
+    try:
+        out, lse, tier, stream_plan = _C.kvcache(*args, **device)
+        if stream_plan is not None:
+            from . import metal_stream
 
-        metal_stream.run_kvcache(stream_plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, out, lse,
-                                 alibi_slopes, device)
+            metal_stream.run_kvcache(stream_plan, q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, out, lse,
+                                     alibi_slopes, device)
+    except RuntimeError as e:
+        # as in _run; running again is safe: the append writes the same rows to the same places
+        _metal_failed(mps, e, stacklevel=3)
+        out, lse, tier, stream_plan = _C.kvcache(*args, **device)
     if tier == "reference":
         from . import reference
 

@@ -239,7 +239,7 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rota
                 k_cache[row, lens[b]:lens[b] + s_new] = kb
                 v_cache[row, lens[b]:lens[b] + s_new] = v[b]
         qb = q[b]
-        if rotary_cos is not None and s_new:
+        if rotary_cos is not None and k is not None:  # q is rotated whenever new rows are passed, even 0 of them
             qpos = lens[b] + (torch.arange(sq) if local else torch.zeros(sq, dtype=torch.long))
             qb = apply_rotary(qb, rotary_cos, rotary_sin, qpos, rotary_interleaved)
         length = lens[b] + s_new if cache_seqlens is not None else capacity
