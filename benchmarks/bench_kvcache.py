@@ -92,7 +92,11 @@ def measure(torch, mf, B, L, hq, hk, d, dv, layout, reps, with_torch):
         kt, vt = gathered(torch, args, L)
         qt = args["q"].transpose(1, 2)
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        fns["torch_sdpa"] = lambda: sdpa(qt, kt, vt, enable_gqa=hq != hk)
+        if dv < d:  # MLA: torch's math path expands K per query head in fp32; one sequence at a time
+            fns["torch_sdpa"] = lambda: [sdpa(qt[b:b + 1], kt[b:b + 1], vt[b:b + 1], enable_gqa=True)
+                                         for b in range(B)]
+        else:
+            fns["torch_sdpa"] = lambda: sdpa(qt, kt, vt, enable_gqa=hq != hk)
     times = bench_cpu.race(fns, reps)
     row = {"batch": B, "L": L, "heads_q": hq, "heads_k": hk, "head_dim": d, "head_dim_v": dv, "layout": layout,
            "bytes": nbytes}

@@ -81,6 +81,7 @@ static int decode(int Sk) {
     uint16_t *K = alloc(row * Sk), *V = alloc(row * Sk);
     float *Q = alloc(sizeof(float) * cp * D), *S = alloc(sizeof(float) * BN * cp), *O = alloc(sizeof(float) * cp * D);
     float mx[MF_CW], sum[MF_CW], alpha[MF_CW];
+    const void *krows[BN], *vrows[BN]; /* the tile's rows, as attn.c hands them to the kernels */
     unsigned seed = 2;
     for (size_t i = 0; i < (size_t)D * Sk; i++) { /* bf16 of small random values */
         float a = frand(&seed), b = frand(&seed);
@@ -101,13 +102,17 @@ static int decode(int Sk) {
             for (int j0 = 0; j0 < Sk; j0 += BN) {
                 const int n = Sk - j0 < BN ? Sk - j0 : BN;
                 double t0 = now();
-                kn->dot_qk(S, cp, (const char *)K + j0 * row, (int64_t)row, n, D, MF_BF16, Q, cols);
+                for (int r = 0; r < n; r++) {
+                    krows[r] = (const char *)K + (size_t)(j0 + r) * row;
+                    vrows[r] = V + (size_t)(j0 + r) * D;
+                }
+                kn->dot_qk(S, cp, krows, n, D, MF_BF16, Q, cols);
                 double t1 = now();
                 kn->softmax(S, n, cp, cp, mx, sum, alpha);
                 for (int c = 0; c < cols; c++)
                     if (alpha[c] != 1.0f) kn->scale(O + (size_t)c * D, D, alpha[c]);
                 double t2 = now();
-                kn->gemm_half(cols, D, n, S, 1, cp, V + (size_t)j0 * D, D, MF_BF16, O, D);
+                kn->gemm_rows(cols, D, n, S, 1, cp, vrows, MF_BF16, O, D);
                 tv += now() - t2, ts += t2 - t1, tq += t1 - t0;
             }
         }

@@ -336,14 +336,22 @@ static void unit_tile(const job *jb, ustate *u, int64_t j0) {
                 kn->pack(w->K + (size_t)r * D, D, kp, kst, (int)len, D, pb->dtype);
             }
     }
-    if (cp == MF_CW && jb->pk == NULL) /* few columns (decode): dot products along d, K read in place */
+    /* few columns (decode): K and V read in place, row by row through a table of the tile's rows
+     * (dense rows or the blocks of a paged cache alike), one kernel call per tile */
+    const void *krows[MF_BN], *vrows[MF_BN];
+    if (cp == MF_CW && jb->pk == NULL) {
         for (int r = 0; r < n; r += (int)len) {
             len = kv_run(jb, it->b, u->hk, it->start_k, j0 + r, n - r, &kp, &vp);
-            kn->dot_qk(w->S + (size_t)r * cp, cp, kp, kst, (int)len, D, pb->dtype, w->QT, cols);
+            for (int i = 0; i < len; i++) {
+                krows[r + i] = kp + i * kst;
+                vrows[r + i] = vp + i * vst;
+            }
         }
-    else if (cp == MF_CW)
-        kn->dot_qk(w->S, cp, Kt, (int64_t)D * sizeof(float), n, D, MF_F32, w->QT, cols);
-    else
+        kn->dot_qk(w->S, cp, krows, n, D, pb->dtype, w->QT, cols);
+    } else if (cp == MF_CW) {
+        for (int r = 0; r < n; r++) krows[r] = Kt + (size_t)r * D;
+        kn->dot_qk(w->S, cp, krows, n, D, MF_F32, w->QT, cols);
+    } else
         kn->gemm(n, cp, D, Kt, D, 1, w->QT, cp, w->S, cp, 0);
     if (post)
         kn->post(w->S, n, cp, cp, (int32_t)j0, w->pos, (p->flags & MF_FLAG_ALIBI) ? w->slope : NULL,
@@ -353,15 +361,7 @@ static void unit_tile(const job *jb, ustate *u, int64_t j0) {
     for (int c = 0; c < cols; c++)
         if (w->alpha[c] != 1.0f) kn->scale(w->O + (size_t)c * dvp, dvp, w->alpha[c]);
     if (jb->pk == NULL && cp == MF_CW && Dv % 16 == 0) { /* decode: V read in place */
-        for (int r = 0; r < n; r += (int)len) {
-            len = kv_run(jb, it->b, u->hk, it->start_k, j0 + r, n - r, &kp, &vp);
-            if (pb->dtype == MF_F32)
-                kn->gemm(cols, dvp, (int)len, w->S + (size_t)r * cp, 1, cp, (const float *)vp, p->v_stride_s, w->O,
-                         dvp, 1);
-            else
-                kn->gemm_half(cols, dvp, (int)len, w->S + (size_t)r * cp, 1, cp, (const uint16_t *)vp,
-                              p->v_stride_s, pb->dtype, w->O, dvp);
-        }
+        kn->gemm_rows(cols, dvp, n, w->S, 1, cp, vrows, pb->dtype, w->O, dvp);
         return;
     }
     if (jb->pk == NULL) {
@@ -439,11 +439,19 @@ static void run_split(void *ctx, int64_t task, int worker) {
         int any = 0;
         if (kspan > 0 && u[0].ks <= u[0].ke && t * jb->bn <= u[0].ke - u[0].ks) { /* item 0's tile t */
             const int64_t j0 = u[0].ks + t * jb->bn, j1 = u[0].ke - j0 < jb->bn ? u[0].ke : j0 + jb->bn - 1;
-            const char *kp, *vp;
-            for (int64_t j = j0, len; j <= j1; j += len) { /* block by block when paged */
-                len = kv_run(jb, b, 0, u[0].it.start_k, j, j1 - j + 1, &kp, &vp);
+            const char *kp, *vp, *kn_ = NULL, *vn_ = NULL;
+            int64_t len = kv_run(jb, b, 0, u[0].it.start_k, j0, j1 - j0 + 1, &kp, &vp);
+            for (int64_t j = j0; j <= j1;) { /* block by block when paged */
+                int64_t next = 0;
+                if (j + len <= j1) { /* the next block starts elsewhere: its first rows are on their way */
+                    next = kv_run(jb, b, 0, u[0].it.start_k, j + len, j1 - j - len + 1, &kn_, &vn_);
+                    prefetch_rows(kn_, p->k_stride_s * es, kspan, 0, next < 2 ? next - 1 : 1);
+                    prefetch_rows(vn_, p->v_stride_s * es, vspan, 0, next < 2 ? next - 1 : 1);
+                }
                 touch_rows(kp, p->k_stride_s * es, kspan, 0, len - 1);
                 touch_rows(vp, p->v_stride_s * es, vspan, 0, len - 1);
+                j += len;
+                kp = kn_, vp = vn_, len = next;
             }
         }
         for (int i = 0; i < n_items; i++) {

@@ -25,19 +25,20 @@ typedef struct mf_cpu_kernels {
      * accumulated over p in increasing order, whatever m and n are. */
     void (*gemm)(int m, int n, int k, const float *a, int64_t rsa, int64_t csa, const float *b,
                  int64_t ldb, float *c, int64_t ldc, int accumulate);
-    /* C[m x n] += A B, as gemm, with B read in place as bf16 or fp16 (n % 16 == 0) */
-    void (*gemm_half)(int m, int n, int k, const float *a, int64_t rsa, int64_t csa, const uint16_t *b,
-                      int64_t ldb, mf_dtype dt, float *c, int64_t ldc);
+    /* C[m x n] += A B, as gemm, with B read in place: row p at brows[p] (rows anywhere in memory,
+     * e.g. the blocks of a paged cache), stored as fp32, bf16 or fp16 (n % 16 == 0) */
+    void (*gemm_rows)(int m, int n, int k, const float *a, int64_t rsa, int64_t csa, const void *const *brows,
+                      mf_dtype dt, float *c, int64_t ldc);
     /* dst[i] = (float)src[i] * scale */
     void (*load)(float *dst, const void *src, int n, mf_dtype dt, float scale);
     /* dst[r*ldd + i] = (float)src[r*stride + i] for r < rows, i < n (stride in bytes) */
     void (*pack)(float *dst, int64_t ldd, const void *src, int64_t stride, int rows, int n, mf_dtype dt);
     /* Few-column S^T = K Q^T for decode: s[r*ld + c] = sum_d K[r][d] q[c*D + d] for r < n,
      * c < cols (<= MF_CW), 0 for cols <= c < MF_CW; q holds MF_CW rows of D floats, rows past
-     * cols zero; K rows read (and converted) in place, each once for all columns; every dot
-     * product vectorised along d and reduced in a fixed order */
-    void (*dot_qk)(float *s, int ld, const void *k, int64_t stride, int n, int D, mf_dtype dt,
-                   const float *q, int cols);
+     * cols zero; K row r read (and converted) in place at krows[r], each once for all columns;
+     * every dot product vectorised along d and reduced in a fixed order */
+    void (*dot_qk)(float *s, int ld, const void *const *krows, int n, int D, mf_dtype dt, const float *q,
+                   int cols);
     /* dst[i] = (dt)(src[i] * scale), rounded to nearest even */
     void (*store)(void *dst, const float *src, int n, mf_dtype dt, float scale);
     /* s[r*ld + c] = -inf unless lo[c] <= j0 + r <= hi[c]; r < n, c < cp (cp % MF_CW == 0) */
