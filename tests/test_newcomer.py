@@ -80,3 +80,16 @@ def test_package_metadata():
     meta = md.metadata("mtlflash")
     if "Typing :: Typed" in meta.get_all("Classifier", []):  # an install of this version of the project
         assert "LICENSE" in (meta.get_all("License-File") or [])
+
+
+@pytest.mark.parametrize("name", ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+                                  "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
+                                  "flash_attn_varlen_kvpacked_func"])
+def test_public_docstrings(name):
+    doc = getattr(mtlflash, name).__doc__
+    assert doc and "NumPy in gives NumPy out" in doc or "as :func:`flash_attn_varlen_func`" in doc
+    assert re.search(r"\(B, S\w*, \w*H|\(total", doc), "shapes"
+    full = mtlflash.flash_attn_func.__doc__
+    for phrase in ("bottom-right", "(B, H, L, D)", "q.transpose(1, 2)", "silently gives", "h // (Hq // Hk)",
+                   "window_size", "NumPy float16", "Raises:", "NotImplementedError", "top-left"):
+        assert phrase in full, phrase
