@@ -87,7 +87,7 @@ def test_package_metadata():
                                   "flash_attn_varlen_kvpacked_func"])
 def test_public_docstrings(name):
     doc = getattr(mtlflash, name).__doc__
-    assert doc and "NumPy in gives NumPy out" in doc or "as :func:`flash_attn_varlen_func`" in doc
+    assert doc and "NumPy in gives NumPy out" in " ".join(doc.split())
     assert re.search(r"\(B, S\w*, \w*H|\(total", doc), "shapes"
     full = mtlflash.flash_attn_func.__doc__
     for phrase in ("bottom-right", "(B, H, L, D)", "q.transpose(1, 2)", "silently gives", "h // (Hq // Hk)",

@@ -392,8 +392,9 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                      deterministic=False, return_attn_probs=False):
     """:func:`flash_attn_varlen_func` over a packed qkv (total, 3, H, D) -> out (total, H, D),
-    one ``cu_seqlens`` (int32 (B + 1,)) and ``max_seqlen`` for q and k. Semantics, dtypes, the
-    returns (lse (H, total)) and the exceptions as :func:`flash_attn_varlen_func`."""
+    one ``cu_seqlens`` (int32 (B + 1,)) and ``max_seqlen`` for q and k. Semantics, dtypes (NumPy
+    in gives NumPy out), the returns (lse (H, total)) and the exceptions as
+    :func:`flash_attn_varlen_func`."""
     fn = "flash_attn_varlen_qkvpacked_func"
     q, k, v = _unpack(fn, "qkv", qkv, 4, 1, 3, "(total, 3, heads, head_dim)")
     return _attention(fn, q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
@@ -406,8 +407,8 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """:func:`flash_attn_varlen_func` over q (total_q, Hq, D) and a packed kv (total_k, 2, Hk, D)
-    -> out (total_q, Hq, D). Semantics, dtypes, the returns and the exceptions as
-    :func:`flash_attn_varlen_func`."""
+    -> out (total_q, Hq, D). GQA: Hk divides Hq. Semantics, dtypes (NumPy in gives NumPy out),
+    the returns and the exceptions as :func:`flash_attn_varlen_func`."""
     fn = "flash_attn_varlen_kvpacked_func"
     k, v = _unpack(fn, "kv", kv, 4, 1, 2, "(total_k, 2, heads_k, head_dim)")
     return _attention(fn, q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
