@@ -378,6 +378,12 @@ def _site_dirs_of_this_python():
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def _mtlflash_file():
+    import mtlflash
+
+    return mtlflash.__file__
+
+
 def test_pth_line_then_import_flash_attn(site_dir):
     # our .pth first, then this Python's own site-packages (mtlflash itself, editable or not)
     r = run(
@@ -390,13 +396,16 @@ def test_pth_line_then_import_flash_attn(site_dir):
         boot = sys.modules["_mtlflash_shim_boot"]
         import flash_attn
         from flash_attn.flash_attn_interface import flash_attn_varlen_func
-        print(len(finders), boot.__file__.startswith(%r), flash_attn.__version__, "mtlflash" in sys.modules)
+        import mtlflash
+        print(len(finders), boot.__file__.startswith(%r), flash_attn.__version__, "mtlflash" in sys.modules,
+              mtlflash.__file__ == %r)
         """
-        % (str(site_dir), _site_dirs_of_this_python(), str(site_dir)),
+        % (str(site_dir), _site_dirs_of_this_python(), str(site_dir), _mtlflash_file()),
         args=("-S",),
         env={"MTLFLASH_SHIM": "on"},
     )
-    assert ok(r).split() == ["1", "True", "2.8.3", "True"]
+    # the last field: the child imported the mtlflash under test, not another install of it
+    assert ok(r).split() == ["1", "True", "2.8.3", "True", "True"]
 
 
 def _installed_shim():
