@@ -150,8 +150,10 @@ int mf_plan_check_cpu_isa(mf_error *err) {
     /* read by the CPU backend when it picks its path (cpu/kernel_generic.c); validated here, on
      * every call, like the other variables */
     const char *env = getenv("MTLFLASH_CPU_ISA");
-    if (env == NULL || *env == '\0' || strcmp(env, "generic") == 0 || strcmp(env, "avx2") == 0) return MF_OK;
+    if (env == NULL || *env == '\0' || strcmp(env, "generic") == 0 || strcmp(env, "avx2") == 0 ||
+        strcmp(env, "best") == 0)
+        return MF_OK;
     return mf_fail(err, MF_ERR_VALUE,
-                   "MTLFLASH_CPU_ISA: unknown value '%s'; valid values: generic, avx2 (unset: the best "
-                   "path this CPU has)", env);
+                   "MTLFLASH_CPU_ISA: unknown value '%s'; valid values: generic, avx2, best (the "
+                   "default: the best path this CPU has)", env);
 }
