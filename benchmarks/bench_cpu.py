@@ -14,7 +14,9 @@ Measures, in one run and side by side:
   * a kernel profile (benchmarks/profile.c, built against csrc/cpu, one thread): the time of a
     prefill tile's Q.K^T, softmax and P.V in cache, and of a decode key's, in cache and from
     memory; every missed target is printed with what this profile says stands in its way.
-Writes benchmarks/results/cpu.json, cpu.md (tables) and PNG plots (needs matplotlib).
+Writes cpu.json, cpu.md (tables) and PNG plots (needs matplotlib) to benchmarks/out/ (git-ignored),
+so a run never overwrites the committed results in benchmarks/results/; to refresh those, pass
+--out benchmarks/results.
 Wall-clock times are the best of several runs; on a shared machine also compare the CPU-time
 column (FLOPs per CPU-second), which other processes disturb less.
 """
@@ -237,7 +239,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="target shapes only, fewer repetitions")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every library")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory")
+    ap.add_argument("--out", default=os.path.join(HERE, "out"),
+                    help="output directory (default benchmarks/out/, git-ignored; the committed results "
+                         "are in benchmarks/results/)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--report-only", action="store_true",
                     help="recompute the summary, cpu.md and the plots from an existing cpu.json")
@@ -425,7 +429,7 @@ def finish(res, out, draw):
     res["targets"] = targets(res)
     log("")
     for t in res["targets"]:
-        log(f"{'MET ' if t['met'] else 'MISS'} {t['what']}: {t['value']} (target {t['target']})"
+        log(f"{'target met:    ' if t['met'] else 'target not met:'} {t['what']}: {t['value']} (target {t['target']})"
             + (f"\n     in the way: {t['note']}" if t.get("note") else ""))
     with open(os.path.join(out, "cpu.json"), "w") as f:
         json.dump(res, f, indent=1)

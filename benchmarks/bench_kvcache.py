@@ -19,7 +19,7 @@ Measured side by side in one run:
 Calls are timed alternately (best of the repetitions, a short idle gap before each) and the
 streaming read is measured again at the end; each row is compared with the better of the two.
 Writes kvcache.json, kvcache.md and kvcache.png to --out (default benchmarks/results; --quick
-defaults to benchmarks/results/local, which git ignores).
+defaults to benchmarks/out, which git ignores).
 """
 from __future__ import annotations
 
@@ -108,12 +108,12 @@ def measure(torch, mf, B, L, hq, hk, d, dv, layout, reps, with_torch):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="L = 32k only, fewer repetitions")
+    ap.add_argument("--quick", action="store_true", help="L = 32k only, fewer repetitions (written to benchmarks/out)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=None, help="output directory")
     ap.add_argument("--no-plots", action="store_true")
     a = ap.parse_args()
-    out = a.out or os.path.join(HERE, "results", "local" if a.quick else "")
+    out = a.out or (os.path.join(HERE, "out") if a.quick else os.path.join(HERE, "results"))
     os.makedirs(out, exist_ok=True)
 
     import torch

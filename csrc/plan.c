@@ -105,6 +105,7 @@ int mf_plan_choose(const mf_problem *pb, const char *forced, mf_plan *plan, mf_e
     plan->num_threads = nt;
     mf_dispatch mode; /* checked on every call, so a typo shows on any machine */
     if (mf_plan_dispatch(&mode, err)) return err->kind;
+    if (mf_plan_check_cpu_isa(err)) return err->kind;
 
     if (forced != NULL && *forced != '\0' && strcmp(forced, "auto") != 0) {
         for (int t = 0; t < MF_NUM_TIERS; t++) {
@@ -143,4 +144,16 @@ int mf_plan_dispatch(mf_dispatch *mode, mf_error *err) {
         return MF_OK;
     }
     return mf_fail(err, MF_ERR_VALUE, "MTLFLASH_DISPATCH: unknown value '%s'; valid values: queue, stream", env);
+}
+
+int mf_plan_check_cpu_isa(mf_error *err) {
+    /* read by the CPU backend when it picks its path (cpu/kernel_generic.c); validated here, on
+     * every call, like the other variables */
+    const char *env = getenv("MTLFLASH_CPU_ISA");
+    if (env == NULL || *env == '\0' || strcmp(env, "generic") == 0 || strcmp(env, "avx2") == 0 ||
+        strcmp(env, "best") == 0)
+        return MF_OK;
+    return mf_fail(err, MF_ERR_VALUE,
+                   "MTLFLASH_CPU_ISA: unknown value '%s'; valid values: generic, avx2, best (the "
+                   "default: the best path this CPU has)", env);
 }

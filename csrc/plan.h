@@ -39,4 +39,7 @@ int mf_plan_num_threads(mf_error *err);
 typedef enum mf_dispatch { MF_DISPATCH_QUEUE = 0, MF_DISPATCH_STREAM = 1 } mf_dispatch;
 int mf_plan_dispatch(mf_dispatch *mode, mf_error *err);
 
+/* MTLFLASH_CPU_ISA: unset, generic, avx2 or best; any other value is an error listing the valid ones. */
+int mf_plan_check_cpu_isa(mf_error *err);
+
 #endif /* MF_PLAN_H */

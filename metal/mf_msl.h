@@ -1,8 +1,8 @@
 /* mf_msl.h - the few macros where Metal Shading Language and the C++17 emulator differ.
  *
  * Every kernel file starts with `#include "mf_msl.h"` (which also includes mf_params.h) and is
- * written in the dual-compile subset (docs: /work/shared/design/metal.md section 6,
- * tests/metal_emu/README.md). Under Metal (__METAL_VERSION__) the macros expand to plain MSL;
+ * written in the dual-compile subset (tests/metal_emu/README.md, "Writing a kernel" and "The
+ * rules of the dual-compile subset"). Under Metal (__METAL_VERSION__) the macros expand to plain MSL;
  * under the emulator they expand to checked C++ types from tests/metal_emu/mfemu.h, which the
  * emulator harness includes before the kernel file.
  *

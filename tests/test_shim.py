@@ -367,25 +367,45 @@ def test_pth_line_respects_off(site_dir):
     assert ok(r).split() == ["0", "False", "[]", "[]"]
 
 
+def _site_dirs_of_this_python():
+    """The site-packages directories this (parent) interpreter really uses: a venv's own (plus the
+    base ones with --system-site-packages), the user site, a global install. A `python -S` child
+    cannot compute them itself: without site.main() it does not read pyvenv.cfg, so its
+    site.getsitepackages() names the base interpreter's directories, not the venv's."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def _mtlflash_file():
+    import mtlflash
+
+    return mtlflash.__file__
+
+
 def test_pth_line_then_import_flash_attn(site_dir):
     # our .pth first, then this Python's own site-packages (mtlflash itself, editable or not)
     r = run(
         """
         import site, sys
         site.addsitedir(%r)
-        for d in site.getsitepackages():
+        for d in %r:
             site.addsitedir(d)
         finders = [f for f in sys.meta_path if getattr(f, "_mtlflash_flash_attn_shim", False)]
         boot = sys.modules["_mtlflash_shim_boot"]
         import flash_attn
         from flash_attn.flash_attn_interface import flash_attn_varlen_func
-        print(len(finders), boot.__file__.startswith(%r), flash_attn.__version__, "mtlflash" in sys.modules)
+        import mtlflash
+        print(len(finders), boot.__file__.startswith(%r), flash_attn.__version__, "mtlflash" in sys.modules,
+              mtlflash.__file__ == %r)
         """
-        % (str(site_dir), str(site_dir)),
+        % (str(site_dir), _site_dirs_of_this_python(), str(site_dir), _mtlflash_file()),
         args=("-S",),
         env={"MTLFLASH_SHIM": "on"},
     )
-    assert ok(r).split() == ["1", "True", "2.8.3", "True"]
+    # the last field: the child imported the mtlflash under test, not another install of it
+    assert ok(r).split() == ["1", "True", "2.8.3", "True", "True"]
 
 
 def _installed_shim():

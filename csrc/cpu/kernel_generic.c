@@ -20,7 +20,7 @@ const mf_cpu_kernels *mf_cpu_kernels_get(void) {
     if (chosen != NULL) return chosen;
     const mf_cpu_kernels *k = &mf_cpu_kernels_generic;
 #ifdef MF_HAVE_AVX2_TU
-    /* MTLFLASH_CPU_ISA=generic or avx2 caps the path; any other value means the best one */
+    /* MTLFLASH_CPU_ISA=generic or avx2 caps the path; best (or unset) does not; plan.c refuses others */
     const char *isa = getenv("MTLFLASH_CPU_ISA");
     const int cap_generic = isa != NULL && strcmp(isa, "generic") == 0;
     const int cap_avx2 = isa != NULL && strcmp(isa, "avx2") == 0;

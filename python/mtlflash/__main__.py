@@ -30,6 +30,9 @@ def main(argv=None) -> int:
         return cli.check(quick=args.quick)
     if args.command is None:
         args = run.parse_args([])
+    problem = cli._check_args(args.seqlen, args.heads, args.head_dim, args.repeats)
+    if problem:
+        run.error(problem)  # usage line + message, exit status 2, no traceback
     cli.print_info()
     return cli.run_demo(args.seqlen, args.heads, args.head_dim, args.repeats)
 

@@ -38,6 +38,17 @@ def _timed(fn, repeats):
     return best
 
 
+def _have_torch() -> bool:
+    from .info import torch_installed
+
+    return torch_installed()
+
+
+TORCH_ADDS = ("torch is not installed: this ran on NumPy arrays (float32, float16); with torch "
+              "(pip install torch) it also runs bfloat16, torch tensors, the reference tier and "
+              "the timing against torch's SDPA.")
+
+
 def _device():
     import torch
 
@@ -51,8 +62,129 @@ def _sync(device):
         torch.mps.synchronize()
 
 
+def numpy_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                    softmax_scale=None, chunk=256):
+    """fp64 attention on NumPy arrays (B, Sq, Hq, D) with mtlflash's semantics (bottom-right causal
+    alignment, windows, softcap, ALiBi, GQA, Dv != D): the reference when torch is absent.
+    Returns (out fp64 (B, Sq, Hq, Dv), lse fp64 (B, Hq, Sq)); rows that see no key get 0 / +inf.
+    Never holds more than ``chunk`` rows of scores per head."""
+    import numpy as np
+
+    B, Sq, Hq, D = q.shape
+    Sk, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    left, right = window_size
+    if causal:
+        right = 0
+    out = np.zeros((B, Sq, Hq, Dv))
+    lse = np.full((B, Hq, Sq), np.inf)
+    cols = np.arange(Sk)
+    slopes = None if alibi_slopes is None else np.broadcast_to(np.asarray(alibi_slopes, np.float64), (B, Hq))
+    for b in range(B):
+        for h in range(Hq):
+            kh = k[b, :, h // (Hq // Hk), :].astype(np.float64)
+            vh = v[b, :, h // (Hq // Hk), :].astype(np.float64)
+            for r0 in range(0, Sq, chunk):
+                rows = np.arange(r0, min(Sq, r0 + chunk))
+                s = (q[b, rows, h, :].astype(np.float64) @ kh.T) * scale
+                if softcap > 0:
+                    s = softcap * np.tanh(s / softcap)
+                diag = rows[:, None] + (Sk - Sq)  # bottom-right alignment
+                if slopes is not None:
+                    s = s - slopes[b, h] * np.abs(diag - cols[None, :])
+                mask = np.zeros(s.shape, bool)
+                if right >= 0:
+                    mask |= cols[None, :] > diag + right
+                if left >= 0:
+                    mask |= cols[None, :] < diag - left
+                s[mask] = -np.inf
+                m = s.max(axis=1, keepdims=True) if Sk else np.full((len(rows), 1), -np.inf)
+                seen = np.isfinite(m[:, 0])
+                p = np.exp(s - np.where(np.isfinite(m), m, 0.0))
+                p[~seen] = 0.0
+                l = p.sum(axis=1)
+                o = p @ vh
+                o[seen] /= l[seen, None]
+                out[b, rows, h, :] = o
+                lse[b, h, rows[seen]] = (m[seen, 0] + np.log(l[seen]))
+    return out, lse
+
+
+def _busy_probe():
+    """Measures the machine's in-cache attention rate on one thread and on all of mtlflash's
+    threads (a small problem that stays in cache, so it runs near the FMA peak). On an idle
+    machine all threads reach close to threads x one thread; when much less, other work shares the
+    cores. Returns (gflops_1, gflops_all, threads, load average or None)."""
+    import numpy as np
+
+    import mtlflash
+    from . import _C
+
+    threads = _C.num_threads()
+    h = max(2, threads) * 2
+    q = np.random.default_rng(0).standard_normal((1, 256, h, 64)).astype(np.float32)
+    flops = 4.0 * h * 256 * 256 * 64
+    old = os.environ.get("MTLFLASH_NUM_THREADS")
+    try:
+        os.environ["MTLFLASH_NUM_THREADS"] = "1"
+        t1 = _timed(lambda: mtlflash.flash_attn_func(q, q, q), 3)
+        os.environ["MTLFLASH_NUM_THREADS"] = str(threads)
+        tn = _timed(lambda: mtlflash.flash_attn_func(q, q, q), 3)
+    finally:
+        if old is None:
+            os.environ.pop("MTLFLASH_NUM_THREADS", None)
+        else:
+            os.environ["MTLFLASH_NUM_THREADS"] = old
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = None
+    return flops / t1 / 1e9, flops / tn / 1e9, threads, load
+
+
+def _print_busy_note():
+    g1, gn, n, load = _busy_probe()
+    share = gn / (g1 * n) if n > 1 else 1.0
+    load_txt = f", load average {load:.1f}" if load is not None else ""
+    _line(f"machine: in-cache attention {g1:.1f} GFLOP/s on 1 thread, {gn:.1f} on {n} "
+          f"({share:.0%} of {n} x 1 thread){load_txt}")
+    if n > 1 and share < 0.7 or (load is not None and load > 0.75 * (os.cpu_count() or 1)):
+        _line("NOTE: the machine looks busy (the threads together reach well below their sum, or the "
+              "load average is high): the timings below understate both libraries.")
+
+
+def _check_args(seqlen, heads, head_dim, repeats):
+    """Refuses what would only end in a traceback, with the reason."""
+    from . import _C
+
+    max_d = _C.build_info().get("max_head_dim", 256)
+    if seqlen < 1:
+        return f"--seqlen must be at least 1, got {seqlen}"
+    if heads < 1:
+        return f"--heads must be at least 1, got {heads}"
+    if not 1 <= head_dim <= max_d:
+        return f"--head-dim must be between 1 and {max_d}, got {head_dim}"
+    if repeats < 1:
+        return f"--repeats must be at least 1, got {repeats}"
+    return None
+
+
+def _verdict_header():
+    return (f"  {'dtype':<9}{'causal':<8}{'tier':<11}{'max err':>10}{'bound':>9}{'result':>8}"
+            f"{'mtlflash':>12}{'GFLOP/s':>9}")
+
+
 def run_demo(seqlen, heads, head_dim, repeats) -> int:
-    """Real attention at a realistic shape on the best tier, timed against torch's SDPA."""
+    """Real attention at a realistic shape on the best tier, checked against the reference (each
+    row: the error, the bound it must stay under, PASS/FAIL) and timed against torch's SDPA. Without
+    torch: the same on NumPy arrays against a NumPy fp64 reference, without the SDPA timing."""
+    problem = _check_args(seqlen, heads, head_dim, repeats)
+    if problem:
+        print(f"python -m mtlflash run: {problem}", file=sys.stderr)
+        return 2
+    _print_busy_note()
+    if not _have_torch():
+        return _run_demo_numpy(seqlen, heads, head_dim, repeats)
     import torch
     import torch.nn.functional as F
 
@@ -62,8 +194,7 @@ def run_demo(seqlen, heads, head_dim, repeats) -> int:
     device = _device()
     _line()
     _line(f"attention B=1 H={heads} L={seqlen} D={head_dim} on {device}, best of {repeats} runs")
-    _line(f"  {'dtype':<9}{'causal':<8}{'tier':<11}{'max err':>10}{'mtlflash':>12}{'GFLOP/s':>9}"
-          f"{'torch sdpa':>12}{'GFLOP/s':>9}{'speed-up':>10}")
+    _line(_verdict_header() + f"{'torch sdpa':>12}{'GFLOP/s':>9}{'speed-up':>10}")
     failures = 0
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(0)
@@ -86,15 +217,51 @@ def run_demo(seqlen, heads, head_dim, repeats) -> int:
                 _sync(device)
 
             t_ours, t_stock = _timed(ours, repeats), _timed(stock, repeats)
-            _line(f"  {str(dtype).replace('torch.', ''):<9}{str(causal):<8}{tier:<11}{err:>10.2e}"
-                  f"{t_ours * 1e3:>10.1f}ms{flops / t_ours / 1e9:>9.1f}{t_stock * 1e3:>10.1f}ms"
-                  f"{flops / t_stock / 1e9:>9.1f}{t_stock / t_ours:>9.2f}x")
             bound = 5e-5 if dtype == torch.float32 else 2e-2
-            if not err <= bound:
-                failures += 1
-                _line(f"  ^ error {err:.3g} is above {bound:g}")
+            ok = err <= bound
+            failures += not ok
+            _line(f"  {str(dtype).replace('torch.', ''):<9}{str(causal):<8}{tier:<11}{err:>10.2e}{bound:>9.0e}"
+                  f"{'PASS' if ok else 'FAIL':>8}{t_ours * 1e3:>10.1f}ms{flops / t_ours / 1e9:>9.1f}"
+                  f"{t_stock * 1e3:>10.1f}ms{flops / t_stock / 1e9:>9.1f}{t_stock / t_ours:>9.2f}x")
     _line()
-    _line("GFLOP/s counts 4*B*H*L*L*D (halved for causal). 'max err' is against mtlflash.reference in fp32.")
+    _line("GFLOP/s counts 4*B*H*L*L*D (halved for causal). 'max err' is max|out - ref| against "
+          "mtlflash.reference (fp32); PASS when it is at most 'bound' (5e-5 for float32; 2e-2 for bfloat16, "
+          "whose outputs carry 8 significant bits).")
+    _line(f"result: {'PASS' if failures == 0 else f'FAIL ({failures} rows above their bound)'}")
+    return 1 if failures else 0
+
+
+def _run_demo_numpy(seqlen, heads, head_dim, repeats) -> int:
+    import numpy as np
+
+    import mtlflash
+
+    _line()
+    _line(TORCH_ADDS)
+    _line(f"attention B=1 H={heads} L={seqlen} D={head_dim} on NumPy arrays (cpu), best of {repeats} runs")
+    _line(_verdict_header())
+    failures = 0
+    rng = np.random.default_rng(0)
+    base = [rng.standard_normal((1, seqlen, heads, head_dim)).astype(np.float32) for _ in range(3)]
+    for dtype in (np.float32, np.float16):
+        q, k, v = (x.astype(dtype) for x in base)
+        for causal in (False, True):
+            flops = 4 * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+            out = mtlflash.flash_attn_func(q, k, v, causal=causal)
+            ref, _ = numpy_attention(q, k, v, causal=causal)
+            err = float(np.abs(out.astype(np.float64) - ref).max()) if ref.size else 0.0
+            t = _timed(lambda: mtlflash.flash_attn_func(q, k, v, causal=causal), repeats)
+            # relative to the largest output: float16 rounds it to 11 significant bits
+            bound = (5e-5 if dtype == np.float32 else 1e-3) * max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
+            ok = err <= bound
+            failures += not ok
+            _line(f"  {np.dtype(dtype).name:<9}{str(causal):<8}{'cpu':<11}{err:>10.2e}{bound:>9.1e}"
+                  f"{'PASS' if ok else 'FAIL':>8}{t * 1e3:>10.1f}ms{flops / t / 1e9:>9.1f}")
+    _line()
+    _line("GFLOP/s counts 4*B*H*L*L*D (halved for causal). 'max err' is max|out - ref| against an fp64 "
+          "NumPy reference; PASS when it is at most 'bound' (5e-5 for float32, 1e-3 for float16, times "
+          "max(1, max|ref|)).")
+    _line(f"result: {'PASS' if failures == 0 else f'FAIL ({failures} rows above their bound)'}")
     return 1 if failures else 0
 
 
@@ -146,7 +313,10 @@ def _run_case(case, dtype, device, tier):
 
 def check(quick=False) -> int:
     """Runs every available tier over the numerics grid and times it against stock SDPA;
-    prints a report for pasting into an issue. Exit status 1 if any check failed."""
+    prints a report for pasting into an issue. Exit status 1 if any check failed. Without torch,
+    the CPU tier on NumPy arrays against a NumPy fp64 reference."""
+    if not _have_torch():
+        return _check_numpy(quick)
     import numpy
     import torch
 
@@ -218,6 +388,62 @@ def check(quick=False) -> int:
                   f"{t_ours * 1e3:8.1f} ms vs stock {t_stock * 1e3:8.1f} ms  ({t_stock / t_ours:.2f}x)")
     if not has_mps:
         _line("Metal part skipped: no Apple GPU (MPS) on this machine.")
+    _line(f"result    : {'PASS' if failures == 0 else f'FAIL ({failures} failures)'}")
+    _line("```")
+    return 0 if failures == 0 else 1
+
+
+def _check_numpy(quick) -> int:
+    """The self-check without torch: the CPU tier on NumPy arrays (float32, float16) over the same
+    grid, against :func:`numpy_attention` in fp64."""
+    import numpy as np
+
+    import mtlflash
+
+    info = backend_info()
+    _line("```")
+    _line("mtlflash self-check report")
+    _line(f"mtlflash  : {mtlflash.__version__} (cpu simd {info['cpu_simd']}; metal: {info['metal']})")
+    _line(f"machine   : {platform.platform()} {platform.machine()} {platform.processor()}")
+    if sys.platform == "darwin":
+        _line(f"macOS     : {platform.mac_ver()[0]}")
+    _line(f"python    : {platform.python_version()}  torch not installed  numpy {np.__version__}")
+    _line(TORCH_ADDS)
+    failures, n_ok, n, worst = 0, 0, 0, 0.0
+    for dtype in (np.float32, np.float16):
+        for name, B, sq, sk, hq, hk, d, dv, opts in _grid(quick):
+            n += 1
+            rng = np.random.default_rng(sq * 31 + sk)
+            q = rng.standard_normal((B, sq, hq, d)).astype(dtype)
+            k = rng.standard_normal((B, sk, hk, d)).astype(dtype)
+            v = rng.standard_normal((B, sk, hk, dv)).astype(dtype)
+            opts = dict(opts)
+            if opts.get("alibi_slopes") == "BH":
+                opts["alibi_slopes"] = rng.random((B, hq)).astype(np.float32)
+            try:
+                out, lse, _ = mtlflash.flash_attn_func(q, k, v, return_attn_probs=True, **opts)
+            except Exception as e:  # reported, never hidden
+                _line(f"  FAIL cpu/numpy {name} {np.dtype(dtype).name}: {type(e).__name__}: {e}")
+                failures += 1
+                continue
+            ref, ref_lse = numpy_attention(q, k, v, **opts)
+            scale = max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
+            err = float(np.abs(out.astype(np.float64) - ref).max()) if ref.size else 0.0
+            bound = (5e-5 if dtype == np.float32 else 1e-3) * scale
+            empty = np.isinf(ref_lse)
+            lse_ok = bool(np.array_equal(np.isinf(lse) & (lse > 0), empty)) and bool(
+                np.all(np.abs(lse[~empty] - ref_lse[~empty]) <= 5e-5 * np.maximum(1.0, np.abs(ref_lse[~empty]))))
+            worst = max(worst, err)
+            if err <= bound and lse_ok:
+                n_ok += 1
+            else:
+                failures += 1
+                _line(f"  FAIL cpu/numpy {name} {np.dtype(dtype).name}: max|out - ref| {err:.2e} "
+                      f"(bound {bound:.1e}){'' if lse_ok else '; lse differs'}")
+    _line(f"tier cpu        on numpy: {'pass' if n_ok == n else 'FAIL'} {n_ok}/{n} cases, max |out - ref| {worst:.2e}")
+    for tier in ("reference", "vec", "simdgroup", "tensorops"):
+        reason = info["tiers"][tier]["reason"] if not info["tiers"][tier]["available"] else "needs torch (MPS tensors)"
+        _line(f"tier {tier:<10}        : skipped ({reason})")
     _line(f"result    : {'PASS' if failures == 0 else f'FAIL ({failures} failures)'}")
     _line("```")
     return 0 if failures == 0 else 1

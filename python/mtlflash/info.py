@@ -10,6 +10,14 @@ from . import _C
 TIER_NAMES = ("auto", "cpu", "vec", "simdgroup", "tensorops", "reference")
 
 
+def torch_installed() -> bool:
+    """Whether torch can be imported here (without importing it)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def backend_info() -> dict:
     """A dict describing the build and every tier: ``{"tiers": {name: {"available": bool,
     "reason": str}}, "cpu_simd": ..., "metal": ..., "num_threads": ..., ...}``."""
@@ -17,7 +25,7 @@ def backend_info() -> dict:
 
     tiers = {}
     for name, ok, reason in _C.tiers():
-        if name == "reference" and importlib.util.find_spec("torch") is None:
+        if name == "reference" and not torch_installed():
             ok, reason = False, "torch is not installed"
         tiers[name] = {"available": bool(ok), "reason": reason}
     build = _C.build_info()

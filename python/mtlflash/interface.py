@@ -306,11 +306,44 @@ def _run_under_autograd(args):
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """Attention over q (B, Sq, Hq, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) -> (B, Sq, Hq, Dv).
+    """FlashAttention-2's ``flash_attn_func``: softmax(q k^T * scale) v per head, without ever
+    materialising the scores.
 
-    With ``return_attn_probs=True`` returns ``(out, softmax_lse (B, Hq, Sq) fp32, S_dmask)`` where
-    S_dmask is empty (dropout is not implemented). ``deterministic`` is accepted and ignored: the
-    forward pass is always deterministic.
+    Shapes (FlashAttention-2's layout, sequence before heads):
+        q (B, Sq, Hq, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) -> out (B, Sq, Hq, Dv).
+        Coming from ``torch.nn.functional.scaled_dot_product_attention``, whose layout is
+        (B, H, L, D): pass ``q.transpose(1, 2)`` (a view, no copy) and transpose the output back.
+        A tensor in the wrong layout whose sizes happen to fit is NOT detected and silently gives
+        wrong results (as in FlashAttention-2).
+    Dtypes: torch.float16, torch.bfloat16, torch.float32 tensors (CPU or MPS), or NumPy float16 /
+        float32 arrays; q, k, v share one dtype; the output has it too (fp32 accumulation).
+        NumPy in gives NumPy out (lse as float32 arrays). Any strides with a unit stride in the
+        last dimension. Head dims 1..256, Dv may differ from D.
+    softmax_scale: None means ``D ** -0.5``.
+    causal: bottom-right aligned, as in FlashAttention-2: query i sees key j iff
+        ``j <= i + Sk - Sq``; with Sq > Sk the first Sq - Sk rows see no key. SDPA's
+        ``is_causal`` is top-left aligned (``j <= i``): the two agree only when Sq == Sk.
+    window_size: (left, right), -1 = unbounded; query i sees keys
+        ``i + Sk - Sq - left .. i + Sk - Sq + right`` (inclusive). ``causal=True`` is (left, 0).
+        Tuples, lists or 2-element integer tensors.
+    softcap: > 0 applies ``softcap * tanh(s / softcap)`` to the scaled scores before masking.
+    alibi_slopes: fp32 (Hq,) or (B, Hq); adds ``-slope * |i + Sk - Sq - j|`` to the scaled score.
+    GQA/MQA: Hk must divide Hq; query head h uses kv head ``h // (Hq // Hk)``.
+    A query row that sees no key gets output 0 and lse +inf (never NaN).
+    dropout_p: only 0.0 (NotImplementedError otherwise). ``deterministic`` is accepted and
+        ignored: the forward pass is always deterministic (bitwise, for any thread count).
+
+    Returns out; with ``return_attn_probs=True``, ``(out, softmax_lse, S_dmask)`` where lse is the
+    fp32 natural-log logsumexp (B, Hq, Sq) of each row of scaled (soft-capped, biased) scores and
+    S_dmask an empty tensor/array.
+
+    Raises:
+        TypeError: an argument of the wrong type (message "[flash_attn_func] <argument>: ...").
+        ValueError: wrong shapes, strides, devices or values, an unknown MTLFLASH_* setting; CUDA
+            tensors (use the flash-attn package there).
+        NotImplementedError: dropout_p > 0; ``.backward()`` through the output.
+        RuntimeError: a tier forced with MTLFLASH_KERNEL that cannot run the call, or a failed
+            Metal launch under a forced tier.
     """
     return _attention("flash_attn_func", q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale,
                       causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -319,7 +352,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """Attention over a packed qkv (B, S, 3, H, D) -> (B, S, H, D)."""
+    """``flash_attn_func`` over a packed qkv (B, S, 3, H, D) -> out (B, S, H, D) (views into qkv,
+    no copy; q, k and v share the heads, so no GQA). Layout (B, S, 3, H, D), not SDPA's
+    (B, H, S, D): a wrong layout with fitting sizes silently gives wrong results. Dtypes, causal
+    alignment, windows, the returns (``return_attn_probs``: lse (B, H, S)) and the exceptions are
+    those of :func:`flash_attn_func`; NumPy in gives NumPy out."""
     fn = "flash_attn_qkvpacked_func"
     q, k, v = _unpack(fn, "qkv", qkv, 5, 2, 3, "(batch, seqlen, 3, heads, head_dim)")
     return _attention(fn, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
@@ -329,7 +366,10 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """Attention over q (B, Sq, Hq, D) and a packed kv (B, Sk, 2, Hk, D) -> (B, Sq, Hq, D)."""
+    """``flash_attn_func`` over q (B, Sq, Hq, D) and a packed kv (B, Sk, 2, Hk, D) -> out
+    (B, Sq, Hq, D). GQA: Hk divides Hq. Layout (batch, seq, heads, dim), not SDPA's (B, H, L, D).
+    Dtypes, bottom-right causal alignment, windows, the returns and the exceptions are those of
+    :func:`flash_attn_func`; NumPy in gives NumPy out."""
     fn = "flash_attn_kvpacked_func"
     k, v = _unpack(fn, "kv", kv, 5, 2, 2, "(batch, seqlen_k, 2, heads_k, head_dim)")
     return _attention(fn, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
@@ -342,8 +382,16 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
     """Attention over variable-length sequences packed along the first dimension.
 
-    q (total_q, Hq, D), k (total_k, Hk, D), v (total_k, Hk, Dv), cu_seqlens_q/k int32 (B+1,)
-    -> out (total_q, Hq, Dv); with return_attn_probs, lse is (Hq, total_q).
+    q (total_q, Hq, D), k (total_k, Hk, D), v (total_k, Hk, Dv) -> out (total_q, Hq, Dv).
+    Sequence b is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:
+    cu_seqlens_k[b+1]`` of k and v; cu_seqlens are int32 (B + 1,), start at 0, never decrease
+    (empty sequences are fine). ``max_seqlen_q/k`` (int or 0-d tensor) must be at least every
+    sequence's length. Rows of q past ``cu_seqlens_q[-1]`` get output 0 and lse +inf.
+    Causal and window alignment are per sequence (bottom-right: ``j <= i + Sk_b - Sq_b``; SDPA's
+    ``is_causal`` is top-left). GQA rule, dtypes (torch fp16/bf16/fp32, NumPy float16/float32;
+    NumPy in gives NumPy out), softcap, ALiBi and the exceptions are those of
+    :func:`flash_attn_func`. With ``return_attn_probs=True`` returns ``(out, softmax_lse
+    (Hq, total_q) fp32, S_dmask)``.
 
     Paged K/V (as FlashAttention-2): with ``block_table`` int32 (B, max_blocks), k and v are
     paged caches (num_blocks, page_size, Hk, D) / (num_blocks, page_size, Hk, Dv), any
@@ -361,7 +409,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
                                      causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                      deterministic=False, return_attn_probs=False):
-    """Varlen attention over a packed qkv (total, 3, H, D) -> (total, H, D)."""
+    """:func:`flash_attn_varlen_func` over a packed qkv (total, 3, H, D) -> out (total, H, D),
+    one ``cu_seqlens`` (int32 (B + 1,)) and ``max_seqlen`` for q and k. Semantics, dtypes (NumPy
+    in gives NumPy out), the returns (lse (H, total)) and the exceptions as
+    :func:`flash_attn_varlen_func`."""
     fn = "flash_attn_varlen_qkvpacked_func"
     q, k, v = _unpack(fn, "qkv", qkv, 4, 1, 3, "(total, 3, heads, head_dim)")
     return _attention(fn, q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
@@ -373,7 +424,9 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """Varlen attention over q (total_q, Hq, D) and a packed kv (total_k, 2, Hk, D)."""
+    """:func:`flash_attn_varlen_func` over q (total_q, Hq, D) and a packed kv (total_k, 2, Hk, D)
+    -> out (total_q, Hq, D). GQA: Hk divides Hq. Semantics, dtypes (NumPy in gives NumPy out),
+    the returns and the exceptions as :func:`flash_attn_varlen_func`."""
     fn = "flash_attn_varlen_kvpacked_func"
     k, v = _unpack(fn, "kv", kv, 4, 1, 2, "(total_k, 2, heads_k, head_dim)")
     return _attention(fn, q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
