@@ -13,4 +13,15 @@ from .interface import (
 )
 
 __version__: str
-__all__: list[str]
+__all__ = [
+    "__version__",
+    "backend_info",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+    "metal_params",
+]
