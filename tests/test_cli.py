@@ -47,7 +47,7 @@ def test_check_quick_reports_and_passes():
 
 @pytest.mark.parametrize("args, msg", [
     (("run", "--seqlen", "0"), "--seqlen must be at least 1, got 0"),
-    (("run", "--head-dim", "300"), "--head-dim must be between 1 and 256, got 300"),
+    (("run", "--head-dim", "600"), "--head-dim must be between 1 and 576, got 600"),
     (("run", "--heads", "0"), "--heads must be at least 1"),
 ])
 def test_run_refuses_bad_sizes_without_a_traceback(args, msg):

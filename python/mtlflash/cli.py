@@ -157,7 +157,7 @@ def _check_args(seqlen, heads, head_dim, repeats):
     """Refuses what would only end in a traceback, with the reason."""
     from . import _C
 
-    max_d = _C.build_info().get("max_head_dim", 256)
+    max_d = _C.build_info().get("max_head_dim", 576)
     if seqlen < 1:
         return f"--seqlen must be at least 1, got {seqlen}"
     if heads < 1:
