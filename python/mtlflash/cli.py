@@ -223,12 +223,114 @@ def run_demo(seqlen, heads, head_dim, repeats) -> int:
             _line(f"  {str(dtype).replace('torch.', ''):<9}{str(causal):<8}{tier:<11}{err:>10.2e}{bound:>9.0e}"
                   f"{'PASS' if ok else 'FAIL':>8}{t_ours * 1e3:>10.1f}ms{flops / t_ours / 1e9:>9.1f}"
                   f"{t_stock * 1e3:>10.1f}ms{flops / t_stock / 1e9:>9.1f}{t_stock / t_ours:>9.2f}x")
+    failures += _kv_demo(device, seqlen, heads, head_dim, repeats)
     _line()
     _line("GFLOP/s counts 4*B*H*L*L*D (halved for causal). 'max err' is max|out - ref| against "
           "mtlflash.reference (fp32); PASS when it is at most 'bound' (5e-5 for float32; 2e-2 for bfloat16, "
           "whose outputs carry 8 significant bits).")
     _line(f"result: {'PASS' if failures == 0 else f'FAIL ({failures} rows above their bound)'}")
     return 1 if failures else 0
+
+
+def _kv_case(g, dtype, device, B, L, hq, hk, d, dv, page, s_new=1, rotary=True, leftpad=False):
+    """The arguments of one flash_attn_with_kvcache call: a paged cache (page > 0, blocks shuffled)
+    or a dense one holding L - s_new rows per sequence, s_new rows appended (rotated)."""
+    import torch
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+    args = {"q": rnd(B, s_new, hq, d), "k": rnd(B, s_new, hk, d), "v": rnd(B, s_new, hk, dv),
+            "cache_seqlens": torch.full((B,), L - s_new, dtype=torch.int32).to(device), "causal": True}
+    if page:
+        nblk = -(-L // page)
+        args["k_cache"], args["v_cache"] = rnd(B * nblk, page, hk, d), rnd(B * nblk, page, hk, dv)
+        args["block_table"] = torch.randperm(B * nblk, generator=g).reshape(B, nblk).to(torch.int32).to(device)
+    else:
+        args["k_cache"], args["v_cache"] = rnd(B, L, hk, d), rnd(B, L, hk, dv)
+    if rotary:
+        ang = torch.rand(L, d // 4, generator=g) * 6
+        args["rotary_cos"], args["rotary_sin"] = ang.cos().to(dtype).to(device), ang.sin().to(dtype).to(device)
+        args["rotary_interleaved"] = False
+    if leftpad:
+        args["cache_leftpad"] = torch.full((B,), (L - s_new) // 3, dtype=torch.int32).to(device)
+    return args
+
+
+def _kv_check(args, tier=None):
+    """Runs flash_attn_with_kvcache (on `tier` when given) and checks out/lse by the acceptance rule
+    and the new v rows bitwise; returns (Comparison, seconds of the call)."""
+    import mtlflash
+    from mtlflash import reference
+
+    cpu = {k: (v.cpu().clone() if hasattr(v, "cpu") else v) for k, v in args.items()}
+    old = os.environ.get("MTLFLASH_KERNEL")
+    if tier is not None:
+        os.environ["MTLFLASH_KERNEL"] = tier
+    try:
+        t0 = time.perf_counter()
+        out, lse = mtlflash.flash_attn_with_kvcache(**args, return_softmax_lse=True)
+        _sync(out.device.type)
+        dt = time.perf_counter() - t0
+    finally:
+        if tier is not None:
+            if old is None:
+                os.environ.pop("MTLFLASH_KERNEL", None)
+            else:
+                os.environ["MTLFLASH_KERNEL"] = old
+    ref_args = {k: v for k, v in cpu.items() if k not in ("q", "k_cache", "v_cache")}
+    res = reference.compare_kvcache(out, lse, cpu["q"], cpu["k_cache"], cpu["v_cache"], factor=3.0, **ref_args)
+    _, _, _, v_ref = reference.kvcache_attention(cpu["q"], cpu["k_cache"], cpu["v_cache"], update_cache=False,
+                                                 **ref_args)
+    if not (args["v_cache"].cpu() == v_ref).all():
+        res.problems.append("the cache after the call differs from the reference's")
+    return res, dt
+
+
+def _kv_demo(device, seqlen, heads, head_dim, repeats) -> int:
+    """One decode step of generation through flash_attn_with_kvcache: bf16, paged cache (page 16),
+    one token appended with rotary, checked against the reference and timed against SDPA over the
+    same keys gathered. Returns the number of failures."""
+    import torch
+    import torch.nn.functional as F
+
+    hk = max(1, heads // 4) if heads % 4 == 0 else heads
+    g = torch.Generator().manual_seed(1)
+    B, L = 4, seqlen
+    args = _kv_case(g, torch.bfloat16, device, B, L, heads, hk, head_dim, head_dim, 16)
+    res, _ = _kv_check(dict(args))
+    tier = "cpu" if device == "cpu" else ("vec" if backend_info()["tiers"]["vec"]["available"] else "reference")
+    t_ours = _timed(lambda: _kv_check_free(args, device), repeats)
+    from mtlflash import reference
+
+    keys = torch.stack([reference._paged_keys(args["k_cache"], row, L) for row in args["block_table"]]).transpose(1, 2)
+    vals = torch.stack([reference._paged_keys(args["v_cache"], row, L) for row in args["block_table"]]).transpose(1, 2)
+    qt = args["q"].transpose(1, 2)
+
+    def stock():
+        F.scaled_dot_product_attention(qt, keys, vals, enable_gqa=heads != hk)
+        _sync(device)
+
+    t_stock = _timed(stock, repeats)
+    gbs = B * L * hk * 2 * head_dim * 2 / t_ours / 1e9
+    _line()
+    _line(f"kv-cache decode step (flash_attn_with_kvcache): B={B} Hq={heads} Hk={hk} D={head_dim} bfloat16, "
+          f"paged cache (page 16, shuffled blocks) of L={L}, one token appended with rotary")
+    _line(f"  {'bfloat16':<9}{'True':<8}{tier:<11}{res.err_out:>10.2e}"
+          f"{res.bound_out:>9.1e}{'PASS' if res.ok else 'FAIL':>8}{t_ours * 1e3:>10.2f}ms{gbs:>7.1f}GB/s"
+          f"{t_stock * 1e3:>10.2f}ms{'':>9}{t_stock / t_ours:>9.2f}x")
+    if not res.ok:
+        _line("  " + "; ".join(res.problems))
+    _line("  (bound: FA2's kv-cache rule, 3x the error of the same attention computed in bfloat16 against "
+          "fp64; GB/s: bytes of K and V attended per second; SDPA reads the same keys gathered)")
+    return 0 if res.ok else 1
+
+
+def _kv_check_free(args, device):
+    import mtlflash
+
+    mtlflash.flash_attn_with_kvcache(**args)
+    _sync(device)
 
 
 def _run_demo_numpy(seqlen, heads, head_dim, repeats) -> int:
@@ -311,6 +413,41 @@ def _run_case(case, dtype, device, tier):
     return reference.compare(out, lse, q, k, v, **opts)
 
 
+def _kv_check_tiers(plans, quick) -> int:
+    """flash_attn_with_kvcache on every tier that serves it: dense and paged caches (page sizes 1,
+    16), leftpad, rotary, GQA, MLA 576/512; out/lse by FA2's kv-cache rule and the cache after the
+    call. Returns the number of failures."""
+    import torch
+
+    cases = [("dense rotary", 2, 300, 8, 2, 64, 64, 0, 3, True, False),
+             ("paged 16 leftpad", 2, 500, 8, 2, 128, 128, 16, 1, True, True),
+             ("paged 1", 1, 70, 4, 4, 32, 32, 1, 2, False, False),
+             ("mla 576/512 paged 64", 1, 300, 16, 1, 576, 512, 64, 1, False, False)]
+    failures = 0
+    for tier, device in plans:
+        if tier not in ("cpu", "reference", "vec"):
+            continue
+        n_ok, n = 0, 0
+        for name, B, L, hq, hk, d, dv, page, s_new, rotary, leftpad in (cases[:2] if quick else cases):
+            for dtype in (torch.float32, torch.bfloat16):
+                n += 1
+                g = torch.Generator().manual_seed(L + d)
+                try:
+                    args = _kv_case(g, dtype, device, B, L, hq, hk, d, dv, page, s_new, rotary, leftpad)
+                    res, _ = _kv_check(args, tier)
+                except Exception as e:  # reported, never hidden
+                    _line(f"  FAIL kv-cache {tier}/{device} {name} {dtype}: {type(e).__name__}: {e}")
+                    failures += 1
+                    continue
+                if res.ok:
+                    n_ok += 1
+                else:
+                    failures += 1
+                    _line(f"  FAIL kv-cache {tier}/{device} {name} {dtype}: {'; '.join(res.problems)}")
+        _line(f"kv cache  {tier:<10} on {device:<4}: {'pass' if n_ok == n else 'FAIL'} {n_ok}/{n} cases")
+    return failures
+
+
 def check(quick=False) -> int:
     """Runs every available tier over the numerics grid and times it against stock SDPA;
     prints a report for pasting into an issue. Exit status 1 if any check failed. Without torch,
@@ -366,6 +503,7 @@ def check(quick=False) -> int:
         _line(f"tier {tier:<10} on {device:<4}: {status} {n_ok}/{n} cases, max |out - ref| {worst:.2e}")
     for tier, reason in skipped:
         _line(f"tier {tier:<10}        : skipped ({reason})")
+    failures += _kv_check_tiers(plans, quick)
 
     _line("timing against stock torch.nn.functional.scaled_dot_product_attention (best of 3):")
     import torch.nn.functional as F
