@@ -31,7 +31,8 @@ def test_demo_run_small():
     res = run("run", "--seqlen", "256", "--heads", "2", "--repeats", "1")
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [line for line in res.stdout.splitlines() if line.strip().startswith(("float32", "bfloat16"))]
-    assert len(rows) == 4 and all(" cpu " in r for r in rows)
+    assert len(rows) == 5 and all(" cpu " in r for r in rows)  # 4 prefill rows and the kv-cache decode step
+    assert "kv-cache decode step (flash_attn_with_kvcache)" in res.stdout
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="on a Mac the Metal part runs")
@@ -40,6 +41,7 @@ def test_check_quick_reports_and_passes():
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
     assert "tier cpu        on cpu : pass" in out
+    assert "kv cache  cpu        on cpu : pass" in out
     assert "tier reference  on cpu : pass" in out
     assert "Metal part skipped" in out and "skipped (Metal backend not built" in out
     assert "result    : PASS" in out
@@ -62,7 +64,7 @@ def test_demo_rows_show_bound_and_verdict():
     assert "bound" in res.stdout and "result: PASS" in res.stdout
     assert "machine: in-cache attention" in res.stdout
     rows = [line.split() for line in res.stdout.splitlines() if line.strip().startswith(("float32", "bfloat16"))]
-    assert len(rows) == 4 and all(r[5] == "PASS" for r in rows)
+    assert len(rows) == 5 and all(r[5] == "PASS" for r in rows)  # 4 prefill rows and the kv-cache decode step
 
 
 # A Python where `import torch` fails as it does when torch is not installed.
