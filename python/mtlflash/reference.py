@@ -552,3 +552,68 @@ def _check(out, lse, dtype, ref_fn, factor=2.0) -> Comparison:
         if not res.err_lse <= res.bound_lse:
             res.problems.append(f"lse error {res.err_lse:.3g} exceeds the bound {res.bound_lse:.3g}")
     return res
+
+
+# --- the acceptance rule for gradients -------------------------------------------------------------
+
+FP32_GRAD_TOL = 1e-4  # fp32 inputs: gradient tolerance against fp64, relative to max(1, max|ref|)
+
+
+class GradComparison:
+    """Result of :func:`compare_backward`: ``ok``, per-gradient (error, bound), and what failed."""
+
+    def __init__(self):
+        self.problems = []
+        self.errors = {}
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __repr__(self):
+        state = "ok" if self.ok else "; ".join(self.problems)
+        errs = ", ".join(f"{n} {e:.3g} <= {b:.3g}" for n, (e, b) in self.errors.items())
+        return f"GradComparison({state}; {errs})"
+
+
+def compare_backward(grads, dout, q, k, v, *, factor=2.0, **options) -> GradComparison:
+    """Checks (dq, dk, dv) of an attention call against this reference by FlashAttention-2's rule.
+
+    ``ref``: :func:`attention_backward` in fp64 from the same inputs, out and lse (out and lse of the
+    fp64 forward). Low-precision inputs: ``max|g - ref| <= factor * max|naive - ref| + LOWP_SLACK``
+    per gradient, ``naive`` being torch autograd through :func:`attention` computed entirely in the
+    input dtype (a plain matmul-softmax-matmul). fp32 inputs: ``max|g - ref| <= FP32_GRAD_TOL *
+    max(1, max|ref|)``. Gradients must have the inputs' shapes and dtype and no NaN. ``options``
+    are those of :func:`attention` (dropout_p and rng_state included)."""
+    grads = [_cpu(g) for g in grads]
+    dout, q, k, v = (_cpu(x) for x in (dout, q, k, v))
+    options = {key: _cpu(val) for key, val in options.items()}
+    res = GradComparison()
+    o64, l64 = attention(q, k, v, compute_dtype=torch.float64, **options)
+    bwd_opts = {key: val for key, val in options.items() if key != "block_table"}
+    ref = attention_backward(dout, q, k, v, o64, l64, compute_dtype=torch.float64, **bwd_opts)[:3]
+    naive = None
+    if q.dtype != torch.float32:
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        o, _ = attention(*leaves, compute_dtype=q.dtype, **options)
+        naive = (torch.autograd.grad(o, leaves, dout.to(o.dtype), allow_unused=True) if o.requires_grad
+                 else [None] * 3)  # e.g. no query rows at all
+        naive = [torch.zeros_like(x) if g is None else g for g, x in zip(naive, leaves)]
+    for idx, (name, g, x) in enumerate(zip(("dq", "dk", "dv"), grads, (q, k, v))):
+        r = ref[idx]
+        if tuple(g.shape) != tuple(x.shape):
+            res.problems.append(f"{name} shape {tuple(g.shape)} != {tuple(x.shape)}")
+            continue
+        if g.dtype != x.dtype:
+            res.problems.append(f"{name} dtype {g.dtype} != input dtype {x.dtype}")
+        if torch.isnan(g).any():
+            res.problems.append(f"{name} has NaN")
+        if naive is None:
+            bound = FP32_GRAD_TOL * max(1.0, _max_abs(r, torch.zeros_like(r)))
+        else:
+            bound = factor * _max_abs(naive[idx], r) + LOWP_SLACK
+        err = _max_abs(g, r)
+        res.errors[name] = (err, bound)
+        if not err <= bound:
+            res.problems.append(f"{name} error {err:.3g} exceeds the bound {bound:.3g}")
+    return res
