@@ -10,7 +10,7 @@
  * Decomposition: two passes without atomics, each output row owned by exactly one work item
  * (the choice of metal-flash-attention; FA2 on CUDA instead adds dQ with atomics, or with per-
  * split buffers in its deterministic mode):
- *   pass 1 (dK, dV): item = (sequence, kv head, block of MF_BWD_BK keys). Its K/V block is packed
+ *   pass 1 (dK, dV): item = (sequence, kv head, block of MF_BWD_BK1 keys). Its K/V block is packed
  *     once; it walks every block of columns (query rows x the query heads of the group, stacked as
  *     in the forward) that the causal/window mask lets see these keys, and accumulates dK, dV in
  *     fp32 registers-to-workspace. Summing the group's heads inside one item is what makes GQA/MQA
@@ -39,7 +39,10 @@
 #define MF_BWD_BC 48 /* columns per block */
 #endif
 #ifndef MF_BWD_BK
-#define MF_BWD_BK 96 /* keys per block / tile */
+#define MF_BWD_BK 96 /* keys per tile of the dQ pass */
+#endif
+#ifndef MF_BWD_BK1
+#define MF_BWD_BK1 192 /* keys per item of the dK/dV pass (its Q/dO packing is shared by more keys) */
 #endif
 #define LOG2E 1.4426950408889634f
 
@@ -48,7 +51,8 @@ typedef struct bjob {
     const mf_cpu_kernels *kern;
     int64_t es;
     int gh, n_hc, rows; /* heads per column block, head chunks per kv head, query rows per block */
-    int cp, bk, dp, dvp; /* columns (padded), keys per tile, D and Dv padded to MF_CW */
+    int cp, bk, bk1, dp, dvp; /* columns (padded), keys per tile (dQ pass) and per item (dK/dV pass), D and Dv
+                               * padded to MF_CW */
     int post;            /* softcap or ALiBi: scores leave the GEMM in natural units */
     float qscale;        /* folded into Q^T: scale, or scale * log2(e) when !post */
     int64_t *q_start, *n_qb; /* per sequence: first pass-2 item, query row blocks; [batch] = total */
@@ -67,7 +71,8 @@ typedef struct bws {
 static size_t rup(size_t x) { return (x + 15) / 16 * 16; }
 
 static size_t ws_layout(const bjob *jb, float *base, bws *w) {
-    const size_t cp = (size_t)jb->cp, bk = (size_t)jb->bk, dp = (size_t)jb->dp, dvp = (size_t)jb->dvp;
+    const size_t cp = (size_t)jb->cp, bk = (size_t)(jb->bk1 > jb->bk ? jb->bk1 : jb->bk), dp = (size_t)jb->dp,
+                 dvp = (size_t)jb->dvp;
     const size_t big = bk > cp ? bk : cp;
     size_t off = 0;
 #define TAKE(field, n)                                                                                         \
@@ -268,8 +273,8 @@ static void dkdv_item(void *ctx, int64_t item, int worker) {
     const int64_t kb = rem % jb->n_kb[b];
     mf_problem_seq(pb, b, &cb.sq0, &cb.sq, &cb.sk0, &cb.sk);
     cb.b = b;
-    const int64_t j0 = kb * jb->bk;
-    const int n = (int)(cb.sk - j0 < jb->bk ? cb.sk - j0 : jb->bk);
+    const int64_t j0 = kb * jb->bk1;
+    const int n = (int)(cb.sk - j0 < jb->bk1 ? cb.sk - j0 : jb->bk1);
     const int64_t j1 = j0 + n - 1, off = cb.sk - cb.sq;
     pack_keys(jb, &w, b, cb.sk0, hk, j0, n);
     memset(w.acc, 0, sizeof(float) * (size_t)n * dp);
@@ -376,6 +381,7 @@ int mf_cpu_backward(const mf_problem *pb, int n_threads, mf_error *err) {
     jb.rows = MF_BWD_BC / jb.gh;
     jb.cp = (MF_BWD_BC + MF_CW - 1) / MF_CW * MF_CW;
     jb.bk = MF_BWD_BK;
+    jb.bk1 = MF_BWD_BK1;
     jb.dp = (p->head_dim + MF_CW - 1) / MF_CW * MF_CW;
     jb.dvp = (p->head_dim_v + MF_CW - 1) / MF_CW * MF_CW;
     jb.post = (p->flags & (MF_FLAG_SOFTCAP | MF_FLAG_ALIBI)) != 0;
@@ -396,7 +402,7 @@ int mf_cpu_backward(const mf_problem *pb, int n_threads, mf_error *err) {
         jb.n_qb[b] = (sq + jb.rows - 1) / jb.rows;
         tq += jb.n_qb[b] * p->heads_k * jb.n_hc;
         jb.k_start[b] = tk;
-        jb.n_kb[b] = (sk + jb.bk - 1) / jb.bk;
+        jb.n_kb[b] = (sk + jb.bk1 - 1) / jb.bk1;
         tk += jb.n_kb[b] * p->heads_k;
     }
     jb.q_start[p->batch] = tq;
