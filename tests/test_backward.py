@@ -340,3 +340,27 @@ def test_numpy_backward_through_core():
     assert tier == "cpu" and isinstance(dq, np.ndarray) and delta.shape == lse.shape
     check_grads_against_reference([torch.from_numpy(x) for x in (dq, dk, dv)], torch.from_numpy(dout),
                                   *(torch.from_numpy(x) for x in (q, k, v)), causal=True)
+
+
+# --- the reference tier (what MPS tensors use) ------------------------------------------------
+
+@pytest.mark.parametrize("opts", [{"causal": True}, {"softcap": 4.0, "window_size": (9, 3)}])
+def test_reference_tier_backward(monkeypatch, opts):
+    # MTLFLASH_KERNEL=reference runs forward and backward in torch, as for MPS tensors
+    monkeypatch.setenv("MTLFLASH_KERNEL", "reference")
+    from mtlflash import autograd
+
+    q, k, v = make((2, 40, 4, 32), torch.bfloat16, 1), make((2, 50, 2, 32), torch.bfloat16, 2), \
+        make((2, 50, 2, 32), torch.bfloat16, 3)
+    _, dout, g = grads_of(lambda a, b, c: mtlflash.flash_attn_func(a, b, c, **opts), (q, k, v))
+    assert autograd.last_tier[0] == "reference"
+    check_grads_against_reference(g, dout, q, k, v, **opts)
+    # FA2's private backward on the reference tier writes into the given buffers too
+    from mtlflash import fa2_private as fa
+
+    out, lse, _, rng = fa._flash_attn_forward(q, k, v, 0.0, None, opts.get("causal", False),
+                                              *opts.get("window_size", (-1, -1)), opts.get("softcap", 0.0))
+    bufs = [torch.empty_like(x) for x in (q, k, v)]
+    fa._flash_attn_backward(dout, q, k, v, out, lse, *bufs, 0.0, None, opts.get("causal", False),
+                            *opts.get("window_size", (-1, -1)), opts.get("softcap", 0.0), None, False, rng)
+    check_grads_against_reference(bufs, dout, q, k, v, **opts)
