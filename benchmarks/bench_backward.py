@@ -85,7 +85,13 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="tables and plots from an existing backward.json")
+    ap.add_argument("--from-log", metavar="FILE",
+                    help="rebuild backward.json, the tables and plots from this script's printed progress (a run that "
+                         "was stopped before the end; only what the log shows is kept)")
     args = ap.parse_args()
+    if args.from_log:
+        finish(from_log(args.from_log), args.out, not args.no_plots)
+        return
     if args.report_only:
         with open(os.path.join(args.out, "backward.json")) as f:
             finish(json.load(f), args.out, not args.no_plots)
@@ -152,6 +158,34 @@ def main():
         log(f"  extra resident memory beyond inputs, outputs and gradients: {mib:.1f} MiB")
     res["machine"]["load_average_end"] = os.getloadavg()
     finish(res, args.out, not args.no_plots)
+
+
+def from_log(path):
+    import re
+
+    res = {"machine": {"cpu": bench_cpu._cpu_name(), "threads": os.cpu_count(), "load_average_start": (0.0,),
+                       "torch": "?"}, "from_log": path, "backward": [], "memory": [], "peak": {}}
+    case = re.compile(r"\] (\w+)\s+D=\s*(\d+) (causal|full)\s+L=\s*(\d+): mtlflash\s+([\d.]+) GFLOP/s .*torch SDPA\s+"
+                      r"([\d.]+) GFLOP/s, x([\d.]+)")
+    with open(path) as f:
+        for line in f:
+            m = re.match(r"peak: FMA loop ([\d.]+) GFLOP/s on (\d+) threads", line)
+            if m:
+                res["peak"]["fma_gflops"], res["machine"]["threads"] = float(m.group(1)), int(m.group(2))
+            m = re.match(r"peak again at the end: ([\d.]+)", line)
+            if m:
+                res["peak"]["fma_gflops_end"] = float(m.group(1))
+            m = case.search(line)
+            if m:
+                dname, D, mode, L, g_mf, g_t, sp = m.groups()
+                D, L = int(D), int(L)
+                causal = mode == "causal"
+                flops = 2.5 * 4.0 * 16 * L * L * D / (2 if causal else 1)
+                res["backward"].append({"dtype": dname, "D": D, "causal": causal, "L": L, "flops": flops,
+                                        "mtlflash": {"gflops": float(g_mf), "best_s": flops / float(g_mf) / 1e9},
+                                        "torch_sdpa": {"gflops": float(g_t), "best_s": flops / float(g_t) / 1e9},
+                                        "speedup_vs_torch": float(sp)})
+    return res
 
 
 def finish(res, out, draw):
