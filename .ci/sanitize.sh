@@ -144,7 +144,8 @@ say "canaries: heap overflow and signed overflow are both reported"
 # --- 3. the tests ------------------------------------------------------------------------------
 DEFAULT_TESTS="tests/test_api.py tests/test_numerics.py tests/test_bad_input_more.py \
 tests/test_adversarial.py tests/test_fuzz.py tests/test_threads.py tests/test_leaks.py tests/test_kvcache.py \
-tests/test_kvcache_bad_input.py"
+tests/test_kvcache_bad_input.py tests/test_backward.py tests/test_fuzz_backward.py tests/test_leaks_backward.py \
+tests/test_dropout.py"
 TESTS=()
 for t in ${SANITIZE_TESTS:-$DEFAULT_TESTS}; do
   [[ -f "$ROOT/$t" ]] && TESTS+=("$t") || say "note: $t not found, skipped"

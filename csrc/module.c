@@ -43,6 +43,8 @@ typedef struct call_args {
     PyObject *scale;
     int causal, want_lse, num_splits, rotary_interleaved, kvcache;
     double softcap;
+    double dropout_p;
+    unsigned long long seed, offset;
     mf_inputs in;
     mf_options opt;
 } call_args;
@@ -95,6 +97,9 @@ static int views_and_options(call_args *a, mf_error *err) {
     o->want_lse = a->want_lse;
     o->rotary_interleaved = a->rotary_interleaved;
     o->num_splits = a->num_splits;
+    o->dropout_p = a->dropout_p;
+    o->dropout_seed = a->seed;
+    o->dropout_offset = a->offset;
     return MF_OK;
 }
 
@@ -113,7 +118,7 @@ static char *g_kwlist[] = {"fn", "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", 
                            "max_seqlen_k", "softmax_scale", "causal", "window_left", "window_right",
                            "softcap", "alibi_slopes", "return_lse", "out", "lse", "num_splits",
                            "cu_seqlens_q_device", "cu_seqlens_k_device", "block_table",
-                           "block_table_device", NULL};
+                           "block_table_device", "dropout_p", "seed", "offset", NULL};
 
 static void defaults(call_args *a) {
     memset(a, 0, sizeof *a);
@@ -132,7 +137,8 @@ static int parse(PyObject *args, PyObject *kwargs, const char *format, call_args
                                        &a->cu_q, &a->cu_k, &a->max_q, &a->max_k, &a->scale,
                                        &a->causal, &a->window_left, &a->window_right, &a->softcap,
                                        &a->alibi, &a->want_lse, &a->out, &a->lse, &a->num_splits,
-                                       &a->cu_q_dev, &a->cu_k_dev, &a->block_table, &a->kv_index_dev);
+                                       &a->cu_q_dev, &a->cu_k_dev, &a->block_table, &a->kv_index_dev,
+                                       &a->dropout_p, &a->seed, &a->offset);
 }
 
 static char *g_kvcache_kwlist[] = {"fn", "q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rotary_sin",
@@ -154,7 +160,7 @@ static int parse_kvcache(PyObject *args, PyObject *kwargs, call_args *a) {
                                        &a->leftpad_dev);
 }
 
-#define FORWARD_FORMAT "sOOO|OOLLOpLLdOpOOiOOOO:forward"
+#define FORWARD_FORMAT "sOOO|OOLLOpLLdOpOOiOOOOdKK:forward"
 
 PyDoc_STRVAR(forward_doc,
 "forward($module, /, fn, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,\n"
@@ -369,7 +375,7 @@ static PyObject *py_kvcache(PyObject *self, PyObject *args, PyObject *kwargs) {
     return run_call(&a);
 }
 
-#define PLAN_FORMAT "sOOO|OOLLOpLLdOpOOiOOOO:plan"
+#define PLAN_FORMAT "sOOO|OOLLOpLLdOpOOiOOOOdKK:plan"
 
 PyDoc_STRVAR(plan_doc,
 "plan($module, /, fn, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,\n"
@@ -391,7 +397,7 @@ static PyObject *py_plan(PyObject *self, PyObject *args, PyObject *kwargs) {
     return PyUnicode_FromString(mf_tier_name(plan.tier));
 }
 
-#define PARAMS_FORMAT "sOOO|OOLLOpLLdOpOOiOOOO:metal_params"
+#define PARAMS_FORMAT "sOOO|OOLLOpLLdOpOOiOOOOdKK:metal_params"
 
 PyDoc_STRVAR(metal_params_doc,
 "metal_params($module, /, fn, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,\n"
@@ -461,7 +467,7 @@ static PyObject *py_metal_plan(PyObject *self, PyObject *args, PyObject *kwargs)
     if (plan_tier_and_caps(args, "metal_plan", &tier, &is_auto, &caps) < 0) return NULL;
     PyObject *rest = PyTuple_GetSlice(args, 2, PyTuple_GET_SIZE(args));
     if (rest == NULL) return NULL;
-    int ok = parse(rest, kwargs, "sOOO|OOLLOpLLdOpOOiOOOO:metal_plan", &a);
+    int ok = parse(rest, kwargs, "sOOO|OOLLOpLLdOpOOiOOOOdKK:metal_plan", &a);
     Py_DECREF(rest);
     if (!ok) return NULL;
     if (build(&a, &pb, &err)) return raise(&err);
@@ -691,7 +697,76 @@ static PyObject *py_num_threads(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(n);
 }
 
+static char *g_backward_kwlist[] = {"fn", "dout", "q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k",
+                                    "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "window_left",
+                                    "window_right", "softcap", "alibi_slopes", "dropout_p", "seed", "offset",
+                                    "dq", "dk", "dv", "softmax_d", NULL};
+
+PyDoc_STRVAR(backward_doc,
+"backward($module, /, fn, dout, q, k, v, out, lse, cu_seqlens_q=None, cu_seqlens_k=None,\n"
+"         max_seqlen_q=0, max_seqlen_k=0, softmax_scale=None, causal=False, window_left=-1,\n"
+"         window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, offset=0,\n"
+"         dq=None, dk=None, dv=None, softmax_d=None)\n--\n\n"
+"The backward pass of one attention call: from dout, the forward's inputs, out and lse (and the\n"
+"dropout seed/offset it used) computes dq, dk, dv and softmax_d = rowsum(dout * out) (fp32, the\n"
+"shape of lse). Gradients are written into dq/dk/dv/softmax_d when given (any strides with a\n"
+"contiguous last dimension), else allocated. Returns (dq, dk, dv, softmax_d, tier); for the\n"
+"'reference' tier (MPS tensors) nothing is computed and the four are None.");
+
+static PyObject *py_backward(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    call_args a;
+    mf_problem pb;
+    mf_plan plan;
+    mf_grad_inputs gin;
+    mf_error err = {MF_OK, ""};
+    PyObject *dout, *g_obj[4] = {Py_None, Py_None, Py_None, Py_None}, *made[4] = {NULL, NULL, NULL, NULL};
+    PyObject *res = NULL;
+    int rc;
+    defaults(&a);
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOOOOOO|OOLLOpLLdOdKKOOOO:backward", g_backward_kwlist, &a.fn,
+                                     &dout, &a.q, &a.k, &a.v, &a.out, &a.lse, &a.cu_q, &a.cu_k, &a.max_q, &a.max_k,
+                                     &a.scale, &a.causal, &a.window_left, &a.window_right, &a.softcap, &a.alibi,
+                                     &a.dropout_p, &a.seed, &a.offset, &g_obj[0], &g_obj[1], &g_obj[2], &g_obj[3]))
+        return NULL;
+    memset(&gin, 0, sizeof gin);
+    if (views_and_options(&a, &err)) return raise(&err);
+    mf_tensor *gv[4] = {&gin.dq, &gin.dk, &gin.dv, &gin.softmax_d};
+    const char *gn[4] = {"dq", "dk", "dv", "softmax_d"};
+    if (mf_tensor_view(dout, a.fn, "dout", 1, &gin.dout, &err)) return raise(&err);
+    for (int i = 0; i < 4; i++)
+        if (mf_tensor_view(g_obj[i], a.fn, gn[i], 1, gv[i], &err)) return raise(&err);
+    if (mf_problem_build_backward(&pb, &a.in, &gin, &a.opt, &err)) return raise(&err);
+    if (mf_plan_choose_backward(&pb, getenv("MTLFLASH_KERNEL"), &plan, &err)) return raise(&err);
+    if (plan.tier == MF_TIER_REFERENCE)
+        return Py_BuildValue("(OOOOs)", Py_None, Py_None, Py_None, Py_None, "reference");
+    /* allocate what the caller did not give: dq/dk/dv like q/k/v, softmax_d like lse */
+    const mf_tensor *like[4] = {&a.in.q, &a.in.k, &a.in.v, &a.in.lse};
+    for (int i = 0; i < 4; i++) {
+        if (gv[i]->present) continue;
+        const mf_dtype dt = i == 3 ? MF_F32 : pb.dtype;
+        made[i] = mf_tensor_new_like(a.q, &a.in.q, like[i]->ndim, like[i]->shape, dt);
+        if (made[i] == NULL) goto done;
+        if (mf_tensor_view_new(made[i], &a.in.q, like[i]->ndim, like[i]->shape, dt, a.fn, gn[i], gv[i], &err))
+            goto fail_err;
+        g_obj[i] = made[i];
+    }
+    if (mf_problem_build_backward(&pb, &a.in, &gin, &a.opt, &err)) goto fail_err;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mf_cpu_backward(&pb, plan.num_threads, &err);
+    Py_END_ALLOW_THREADS
+    if (rc) goto fail_err;
+    res = Py_BuildValue("(OOOOs)", g_obj[0], g_obj[1], g_obj[2], g_obj[3], mf_tier_name(plan.tier));
+    goto done;
+fail_err:
+    raise(&err);
+done:
+    for (int i = 0; i < 4; i++) Py_XDECREF(made[i]);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"backward", (PyCFunction)(void (*)(void))py_backward, METH_VARARGS | METH_KEYWORDS, backward_doc},
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_VARARGS | METH_KEYWORDS, forward_doc},
     {"kvcache", (PyCFunction)(void (*)(void))py_kvcache, METH_VARARGS | METH_KEYWORDS, kvcache_doc},
     {"metal_params", (PyCFunction)(void (*)(void))py_metal_params, METH_VARARGS | METH_KEYWORDS, metal_params_doc},

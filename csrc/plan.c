@@ -63,6 +63,10 @@ int mf_tier_supports(mf_tier tier, const mf_problem *pb, char *reason, size_t n)
         }
         return 1;
     default: /* Metal tiers */
+        if (pb->drop.on) {
+            snprintf(reason, n, "the %s tier has no dropout (the cpu and reference tiers have)", mf_tier_name(tier));
+            return 0;
+        }
         if (pb->device != MF_DEV_MPS) {
             snprintf(reason, n, "the %s tier runs on MPS tensors, but the inputs are on %s",
                      mf_tier_name(tier), mf_device_name(pb->device));
@@ -127,11 +131,36 @@ int mf_plan_choose(const mf_problem *pb, const char *forced, mf_plan *plan, mf_e
     /* MPS: the Metal tier the device and shape call for, else torch on the same device */
     plan->tier = MF_TIER_REFERENCE;
     mf_metal_caps caps;
-    if (pb->device == MF_DEV_MPS && mf_tier_available(MF_TIER_VEC, reason, sizeof reason) &&
+    if (pb->device == MF_DEV_MPS && !pb->drop.on && mf_tier_available(MF_TIER_VEC, reason, sizeof reason) &&
         mf_metal_caps_of(pb->tq.mtl_buffer, &caps, reason, sizeof reason) == 0) {
         mf_tier t = mf_metal_choose(pb, &caps);
         if (t != MF_NUM_TIERS) plan->tier = t;
     }
+    return MF_OK;
+}
+
+int mf_plan_choose_backward(const mf_problem *pb, const char *forced, mf_plan *plan, mf_error *err) {
+    char reason[256];
+    memset(plan, 0, sizeof *plan);
+    int nt = mf_plan_num_threads(err);
+    if (nt < 0) return err->kind;
+    plan->num_threads = nt;
+    mf_tier want = pb->device == MF_DEV_CPU ? MF_TIER_CPU : MF_TIER_REFERENCE;
+    if (forced != NULL && *forced != '\0' && strcmp(forced, "auto") != 0) {
+        int t = 0;
+        while (t < MF_NUM_TIERS && strcmp(forced, g_tier_names[t]) != 0) t++;
+        if (t == MF_NUM_TIERS)
+            return mf_fail(err, MF_ERR_VALUE, "MTLFLASH_KERNEL: unknown tier '%s'; valid values: auto, cpu, vec, "
+                           "simdgroup, tensorops, reference", forced);
+        if (t == MF_TIER_CPU || t == MF_TIER_REFERENCE) want = (mf_tier)t;
+        else if (pb->device == MF_DEV_CPU) /* a Metal tier cannot run on CPU tensors at all */
+            return mf_fail(err, MF_ERR_RUNTIME, "[%s] MTLFLASH_KERNEL=%s cannot run this call: the %s tier runs on "
+                           "MPS tensors, but the inputs are on cpu", pb->fn, forced, forced);
+    }
+    if (!mf_tier_supports(want, pb, reason, sizeof reason))
+        return mf_fail(err, MF_ERR_RUNTIME, "[%s] the backward pass cannot run on the %s tier: %s", pb->fn,
+                       mf_tier_name(want), reason);
+    plan->tier = want;
     return MF_OK;
 }
 

@@ -29,6 +29,12 @@ int mf_tier_supports(mf_tier tier, const mf_problem *pb, char *reason, size_t re
 /* `forced` is the MTLFLASH_KERNEL value (NULL or "" or "auto" for automatic choice). */
 int mf_plan_choose(const mf_problem *pb, const char *forced, mf_plan *plan, mf_error *err);
 
+/* The tier of a backward problem: cpu for CPU tensors and NumPy arrays, reference (torch on the
+ * same device) for MPS tensors: the Metal tiers have no backward kernels yet. MTLFLASH_KERNEL=cpu
+ * or reference forces that tier; a forced Metal tier serves the forward only, so its backward runs
+ * on the reference tier. */
+int mf_plan_choose_backward(const mf_problem *pb, const char *forced, mf_plan *plan, mf_error *err);
+
 /* Turns the Metal tiers off for the rest of the process (after a failed automatic launch). */
 void mf_plan_disable_metal(const char *why);
 

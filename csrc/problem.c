@@ -369,6 +369,27 @@ static int build_kv_layout(mf_problem *pb, const mf_inputs *in, const mf_options
     return MF_OK;
 }
 
+/* dropout_p in [0, 1]; the threshold on a uniform 32-bit draw that keeps 1 - p of them */
+static int build_dropout(mf_problem *pb, const mf_options *opt, mf_error *err) {
+    const double pd = opt->dropout_p;
+    if (!(pd >= 0.0 && pd <= 1.0))
+        return mf_fail(err, MF_ERR_VALUE, "[%s] dropout_p: expected a probability in [0, 1], got %g", opt->fn, pd);
+    if (pd == 0.0) return MF_OK;
+    if (opt->kvcache || (opt->varlen && pb->p.flags & MF_FLAG_PAGED))
+        return mf_fail(err, MF_ERR_NOTIMPL, "[%s] dropout_p=%g: dropout is not implemented with a kv cache or "
+                       "block_table", opt->fn, pd);
+    mf_dropout *d = &pb->drop;
+    d->on = 1;
+    d->p = (float)pd;
+    d->seed = opt->dropout_seed;
+    d->offset = opt->dropout_offset;
+    const double t = floor(pd * 4294967296.0); /* p = 1e-30 (diffusers, to get lse back) drops nothing */
+    d->drop_all = t >= 4294967296.0;
+    d->threshold = d->drop_all ? 0xffffffffu : (uint32_t)t;
+    d->keep_scale = d->drop_all ? 0.0f : (float)(1.0 / (1.0 - pd));
+    return MF_OK;
+}
+
 int mf_problem_build(mf_problem *pb, const mf_inputs *in, const mf_options *opt, mf_error *err) {
     const char *fn = opt->fn;
     const mf_tensor *q = &in->q, *k = &in->k, *v = &in->v, *out = &in->out, *lse = &in->lse;
@@ -499,6 +520,7 @@ int mf_problem_build(mf_problem *pb, const mf_inputs *in, const mf_options *opt,
     if (!(opt->softcap >= 0.0) || !isfinite(opt->softcap))
         return mf_fail(err, MF_ERR_VALUE, "[%s] softcap: must be a finite number >= 0, got %g", fn,
                        opt->softcap);
+    if ((rc = build_dropout(pb, opt, err))) return rc;
     double scale = opt->has_scale ? opt->softmax_scale : 1.0 / sqrt((double)D);
     int64_t wl = opt->window_left, wr = opt->causal ? 0 : opt->window_right;
     if (wl < 0 || wl > MF_MAX_SEQLEN) wl = -1; /* beyond any length: same as unbounded */
@@ -619,4 +641,83 @@ int mf_problem_lse_shape(const mf_problem *pb, int64_t *shape) {
     shape[1] = p->heads_q;
     shape[2] = p->seqlen_q;
     return 3;
+}
+
+/* A gradient (or dout) tensor that must look like `like` (shape, dtype, device, kind). */
+static int check_like(const char *fn, const char *name, const mf_tensor *t, const mf_tensor *like,
+                      const char *like_name, int writable, mf_error *err) {
+    char s1[96], s2[96];
+    int rc;
+    if ((rc = check_kind_and_device(fn, name, t, like, err))) return rc;
+    if (t->dtype != like->dtype)
+        return mf_fail(err, MF_ERR_TYPE, "[%s] %s: dtype %s does not match %s's dtype %s", fn, name, t->dtype_repr,
+                       like_name, like->dtype_repr);
+    int same = t->ndim == like->ndim;
+    for (int i = 0; same && i < t->ndim; i++) same = t->shape[i] == like->shape[i];
+    if (!same) {
+        shape_str(t, s1, sizeof s1);
+        shape_str(like, s2, sizeof s2);
+        return mf_fail(err, MF_ERR_VALUE, "[%s] %s: expected the shape of %s %s, got %s", fn, name, like_name, s2, s1);
+    }
+    if ((rc = check_last_stride(fn, name, t, err))) return rc;
+    if (writable && t->readonly)
+        return mf_fail(err, MF_ERR_VALUE, "[%s] %s: is read-only, but the gradient is written into it", fn, name);
+    return MF_OK;
+}
+
+static void copy_strides(int64_t *dst, const mf_tensor *t, int varlen) {
+    dst[0] = varlen ? 0 : t->stride[0];
+    dst[1] = t->stride[varlen ? 0 : 1];
+    dst[2] = t->stride[varlen ? 1 : 2];
+}
+
+int mf_problem_build_backward(mf_problem *pb, const mf_inputs *in, const mf_grad_inputs *gin,
+                              const mf_options *opt, mf_error *err) {
+    const char *fn = opt->fn;
+    int rc;
+    if (opt->kvcache || in->block_table.present)
+        return mf_fail(err, MF_ERR_NOTIMPL, "[%s] the backward pass does not support a kv cache or block_table "
+                       "(FlashAttention-2 has no backward for them either)", fn);
+    if (!in->out.present)
+        return mf_fail(err, MF_ERR_VALUE, "[%s] out: the backward pass needs the forward's output, got None", fn);
+    if (!in->lse.present)
+        return mf_fail(err, MF_ERR_VALUE, "[%s] softmax_lse: the backward pass needs the forward's lse (run the "
+                       "forward with return_attn_probs=True / return_lse), got None", fn);
+    if (!gin->dout.present)
+        return mf_fail(err, MF_ERR_VALUE, "[%s] dout: expected the gradient of out, got None", fn);
+    if ((rc = mf_problem_build(pb, in, opt, err))) return rc;
+    if (pb->device != MF_DEV_CPU && pb->device != MF_DEV_MPS)
+        return mf_fail(err, MF_ERR_VALUE, "[%s] q: the backward pass runs on CPU or MPS tensors", fn);
+    pb->pass = MF_PASS_BACKWARD;
+    const int varlen = (pb->p.flags & MF_FLAG_VARLEN) != 0;
+    mf_grad *g = &pb->grad;
+    if ((rc = check_like(fn, "dout", &gin->dout, &in->out, "out", 0, err))) return rc;
+    g->dout = gin->dout.data;
+    g->tdout = gin->dout;
+    copy_strides(g->do_stride, &gin->dout, varlen);
+    g->total_k = in->k.shape[0];
+    const mf_tensor *gt[3] = {&gin->dq, &gin->dk, &gin->dv}, *like[3] = {&in->q, &in->k, &in->v};
+    const char *gn[3] = {"dq", "dk", "dv"}, *ln[3] = {"q", "k", "v"};
+    int64_t *gs[3] = {g->dq_stride, g->dk_stride, g->dv_stride};
+    void **gp[3] = {&g->dq, &g->dk, &g->dv};
+    mf_tensor *gv[3] = {&g->tdq, &g->tdk, &g->tdv};
+    for (int i = 0; i < 3; i++) {
+        if (!gt[i]->present) continue; /* allocated by the caller after this check */
+        if ((rc = check_like(fn, gn[i], gt[i], like[i], ln[i], 1, err))) return rc;
+        *gp[i] = gt[i]->data;
+        *gv[i] = *gt[i];
+        copy_strides(gs[i], gt[i], varlen);
+    }
+    if (gin->softmax_d.present) {
+        const mf_tensor *d = &gin->softmax_d;
+        if ((rc = check_like(fn, "softmax_d", d, &in->lse, "softmax_lse", 1, err))) return rc;
+        g->delta = (float *)d->data;
+        g->tdelta = *d;
+        g->delta_stride_b = varlen ? 0 : d->stride[0];
+        g->delta_stride_h = d->stride[varlen ? 0 : 1];
+        if (d->ndim >= 1 && d->stride[d->ndim - 1] != 1 && d->shape[d->ndim - 1] > 1)
+            return mf_fail(err, MF_ERR_VALUE, "[%s] softmax_d: must be contiguous along the rows", fn);
+    }
+    /* lse is read along rows with unit stride too (check_last_stride in mf_problem_build) */
+    return MF_OK;
 }

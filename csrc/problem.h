@@ -25,6 +25,8 @@ typedef struct mf_options {
     int want_lse;
     int rotary_interleaved; /* kv cache: GPT-J pairs (1) or GPT-NeoX halves (0) */
     int64_t num_splits;     /* 0 = heuristic, 1 = no split, n = n key splits (performance only) */
+    double dropout_p;       /* 0: no dropout */
+    uint64_t dropout_seed, dropout_offset; /* the Philox key and counter offset (rng_state) */
 } mf_options;
 
 /* Every tensor of one call, as views (absent ones have present == 0). */
@@ -55,8 +57,35 @@ typedef struct mf_append {
     mf_tensor tk_new, tv_new, tcos, tsin, tq_src;
 } mf_append;
 
+/* Dropout (both passes): probability p of each attention probability being dropped, the
+ * survivors scaled by 1 / (1 - p); the mask comes from the counter-based generator in
+ * cpu/philox.h, keyed by (seed, offset, sequence, query head, row, key). */
+typedef struct mf_dropout {
+    int on;                 /* p > 0 */
+    float p;
+    float keep_scale;       /* 1 / (1 - p); 0 when p == 1 (everything dropped) */
+    uint32_t threshold;     /* an element is kept iff its 32-bit draw >= threshold */
+    int drop_all;           /* p == 1 */
+    uint64_t seed, offset;
+} mf_dropout;
+
+/* What the backward pass reads and writes besides the forward's tensors (pass == MF_PASS_BACKWARD):
+ * dout (like out), dq/dk/dv (like q/k/v, written), softmax_d = rowsum(dout * out) (like lse, written). */
+typedef struct mf_grad {
+    const void *dout;
+    void *dq, *dk, *dv;
+    float *delta;
+    int64_t do_stride[3], dq_stride[3], dk_stride[3], dv_stride[3]; /* batch, row, head (elements) */
+    int64_t delta_stride_b, delta_stride_h;
+    int64_t total_k;        /* varlen: rows of k/v (rows past cu_k[batch] get zero gradients) */
+    mf_tensor tdout, tdq, tdk, tdv, tdelta;
+} mf_grad;
+
+typedef enum mf_pass { MF_PASS_FORWARD = 0, MF_PASS_BACKWARD = 1 } mf_pass;
+
 typedef struct mf_problem {
     mf_params p;
+    mf_pass pass;
     mf_dtype dtype;          /* q, k, v and out share it */
     mf_device device;
     const char *fn;
@@ -72,6 +101,8 @@ typedef struct mf_problem {
     int64_t num_blocks;      /* paged: blocks in the cache */
     int num_splits_req;      /* the caller's num_splits (0 = heuristic) */
     mf_append app;
+    mf_dropout drop;
+    mf_grad grad;            /* backward pass only */
     /* the views, for backends that bind device buffers */
     mf_tensor tq, tk, tv, to, tlse, tcu_q, tcu_k, talibi, tkv_index, tseqused_k, tleftpad_k;
 } mf_problem;
@@ -80,6 +111,17 @@ typedef struct mf_problem {
  * inputs are checked and mf_problem_out_shape tells what to allocate; call again with them present.
  * Nothing is written: a refused call leaves every buffer (a kv cache included) untouched. */
 int mf_problem_build(mf_problem *pb, const mf_inputs *in, const mf_options *opt, mf_error *err);
+
+/* The backward pass's tensors (the forward's q, k, v, out and lse in mf_inputs; the rest here). */
+typedef struct mf_grad_inputs {
+    mf_tensor dout, dq, dk, dv, softmax_d;
+} mf_grad_inputs;
+
+/* Validates a backward call: the forward problem (q, k, v, out and lse must all be present; dense
+ * or varlen K/V, no kv cache or block table), dout like out, dq/dk/dv like q/k/v (absent: only the
+ * inputs are checked; call again with them present), softmax_d like lse. Sets pass. */
+int mf_problem_build_backward(mf_problem *pb, const mf_inputs *in, const mf_grad_inputs *gin,
+                              const mf_options *opt, mf_error *err);
 
 /* Shapes of out and lse for a validated problem; returns ndim. */
 int mf_problem_out_shape(const mf_problem *pb, int64_t *shape);

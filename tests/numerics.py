@@ -15,3 +15,10 @@ def check_against_reference(out, lse, q, k, v, **options):
     res = reference.compare(out, lse, q, k, v, **options)
     assert res.ok, "; ".join(res.problems)
     return res.err_out, res.bound_out
+
+
+def check_grads_against_reference(grads, dout, q, k, v, **options):
+    """Asserts (dq, dk, dv) pass the backward's acceptance rule (mtlflash.reference.compare_backward)."""
+    res = reference.compare_backward(grads, dout, q, k, v, **options)
+    assert res.ok, repr(res)
+    return res

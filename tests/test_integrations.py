@@ -175,11 +175,16 @@ def test_kernel_error_falls_back_to_sdpa(model, monkeypatch):
     assert_close(logits(model, NAME, input_ids=x), logits(model, "sdpa", input_ids=x))
 
 
-def test_grad_and_training_go_to_sdpa(model, spy):
+def test_grad_calls_run_on_mtlflash(model, spy):
+    # training is served too (tests/test_training.py trains a model); here: routed and differentiable
     x = ids(1, 6, seed=8)
     model.set_attn_implementation(NAME)
     out = model(input_ids=x).logits  # grad enabled, parameters require grad
-    assert out.requires_grad and spy == {"dense": 0, "varlen": 0}
+    assert out.requires_grad and spy == {"dense": 2, "varlen": 0}
+    out.sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.zero_grad()
 
 
 def test_attention_function_direct_layout(registered):

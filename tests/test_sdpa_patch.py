@@ -191,20 +191,25 @@ def test_mixed_dtypes_raise_stocks_error(forced, spy):
     assert spy == []
 
 
-def test_inputs_needing_grad_go_to_stock_unless_grad_is_off(forced, spy):
-    q, k, v = qkv()
-    q.requires_grad_(True)
-    out = F.scaled_dot_product_attention(q, k, v)
-    assert spy == [] and out.requires_grad
-    out.sum().backward()
-    assert q.grad is not None
+def test_inputs_needing_grad_are_routed_and_differentiable(forced, spy):
+    q, k, v = qkv(hq=4, hk=2, dv=16)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+    assert len(spy) == 1 and out.requires_grad
+    dout = rand(*out.shape, seed=9)
+    out.backward(dout)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = STOCK(*ref_leaves, is_causal=True, enable_gqa=True)
+    ref.backward(dout)
+    close(out.detach(), ref.detach())
+    for a, b in zip(leaves, ref_leaves):
+        close(a.grad, b.grad)
     with torch.no_grad():
-        close(F.scaled_dot_product_attention(q, k, v), STOCK(q, k, v))
-    assert len(spy) == 1
-    with torch.inference_mode():
-        close(F.scaled_dot_product_attention(q.detach(), k, v), STOCK(q.detach(), k, v))
+        close(F.scaled_dot_product_attention(q, k, v, enable_gqa=True), STOCK(q, k, v, enable_gqa=True))
     assert len(spy) == 2
-
+    with torch.inference_mode():
+        close(F.scaled_dot_product_attention(q, k, v, enable_gqa=True), STOCK(q, k, v, enable_gqa=True))
+    assert len(spy) == 3
 
 def test_tensor_subclasses_go_to_stock(forced, spy):
     class Tagged(torch.Tensor):

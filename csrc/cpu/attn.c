@@ -40,6 +40,7 @@
 #include <string.h>
 
 #include "cpu/kernels.h"
+#include "cpu/philox.h"
 #include "cpu/pool.h"
 
 #ifndef MF_BC
@@ -358,6 +359,8 @@ static void unit_tile(const job *jb, ustate *u, int64_t j0) {
                  (p->flags & MF_FLAG_SOFTCAP) ? p->softcap : 0.0f);
     if (j0 < u->maxlo || j0 + n - 1 > u->minhi) kn->mask(w->S, n, cp, cp, (int32_t)j0, w->lo, w->hi);
     kn->softmax(w->S, n, cp, cp, w->mx, w->sum, w->alpha);
+    if (pb->drop.on) /* after the row sums (lse ignores dropout); 1 / (1 - p) is applied in unit_finish */
+        mf_dropout_tile(&pb->drop, w->S, n, cp, cols, j0, it->b, it->h0, it->m, it->i0, 1.0f);
     for (int c = 0; c < cols; c++)
         if (w->alpha[c] != 1.0f) kn->scale(w->O + (size_t)c * dvp, dvp, w->alpha[c]);
     if (jb->pk == NULL && cp == MF_CW && Dv % 16 == 0) { /* decode: V read in place */
@@ -404,7 +407,7 @@ static void unit_finish(const job *jb, ustate *u) {
             if (lrow) *lrow = INFINITY;
             continue;
         }
-        kn->store(orow, o, Dv, pb->dtype, 1.0f / w->sum[c]);
+        kn->store(orow, o, Dv, pb->dtype, (pb->drop.on ? pb->drop.keep_scale : 1.0f) / w->sum[c]);
         if (lrow) *lrow = w->mx[c] * LN2 + logf(w->sum[c]);
     }
 }
@@ -604,7 +607,8 @@ int mf_cpu_forward(const mf_problem *pb, int n_threads, mf_error *err) {
     const int groupable = per_seq <= MF_SPLIT_ITEMS;
     int grouped = 0;
     jb.splits = 1;
-    if (pb->num_splits_req == 0 && total < MF_SPLIT_ITEMS && max_sk >= 2 * MF_SPLIT_KEYS) {
+    if (pb->drop.on) { /* dropout: one unit per item (merge_item does not apply the dropout scale) */
+    } else if (pb->num_splits_req == 0 && total < MF_SPLIT_ITEMS && max_sk >= 2 * MF_SPLIT_KEYS) {
         const int64_t s = max_sk / MF_SPLIT_KEYS;
         jb.splits = (int)(s > MF_MAX_SPLITS ? MF_MAX_SPLITS : s);
     } else if (pb->num_splits_req == 0 && groupable && jb.cp == MF_CW && max_sk >= 2 * MF_SPLIT_KEYS) {

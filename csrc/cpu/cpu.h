@@ -13,6 +13,10 @@ int mf_cpu_forward(const mf_problem *pb, int n_threads, mf_error *err);
  * mf_cpu_forward. Results do not depend on n_threads. */
 int mf_cpu_append(const mf_problem *pb, int n_threads, mf_error *err);
 
+/* The backward pass of a validated problem (pb->pass == MF_PASS_BACKWARD): writes dq, dk, dv and
+ * softmax_d. Call without the GIL. Results do not depend on n_threads. */
+int mf_cpu_backward(const mf_problem *pb, int n_threads, mf_error *err);
+
 /* The SIMD path in use ("avx2+fma" or "generic"). */
 const char *mf_cpu_simd_path(void);
 

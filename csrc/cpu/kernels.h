@@ -54,6 +54,11 @@ typedef struct mf_cpu_kernels {
     void (*softmax)(float *s, int n, int ld, int cp, float *mx, float *sum, float *alpha);
     /* x[i] *= a */
     void (*scale)(float *x, int n, float a);
+    /* backward: s[r*ld + c] = exp2(s[r*ld + c] - m[c]) for r < n, c < cp (0 where the difference
+     * is -inf or below -126, so m[c] = +inf gives a zero column) */
+    void (*bwd_exp)(float *s, int n, int ld, int cp, const float *m);
+    /* backward: ds[r*ld + c] = p[r*ld + c] * (ds[r*ld + c] - delta[c]) */
+    void (*bwd_ds)(float *ds, const float *p, int n, int ld, int cp, const float *delta);
 } mf_cpu_kernels;
 
 extern const mf_cpu_kernels mf_cpu_kernels_generic;

@@ -21,6 +21,16 @@ from .interface import (  # noqa: E402
     metal_params,
 )
 from .info import backend_info  # noqa: E402
+from .fa2_private import (  # noqa: E402,F401  FlashAttention-2's private entry points
+    _flash_attn_backward,
+    _flash_attn_forward,
+    _flash_attn_varlen_backward,
+    _flash_attn_varlen_forward,
+    _wrapped_flash_attn_backward,
+    _wrapped_flash_attn_forward,
+    _wrapped_flash_attn_varlen_backward,
+    _wrapped_flash_attn_varlen_forward,
+)
 
 __all__ = [
     "__version__",

@@ -40,16 +40,17 @@ def _type_name(x) -> str:
     return type(x).__module__ + "." + type(x).__qualname__ if type(x).__module__ != "builtins" else type(x).__name__
 
 
-def _check_dropout(fn, dropout_p):
+def _check_dropout(fn, dropout_p, q=None):
+    """dropout_p as a float in [0, 1] (any p > 0, even 1e-30, is dropout: the mask is drawn)."""
     if type(dropout_p) is float and dropout_p == 0.0:
-        return
+        return 0.0
     p = _as_float(fn, "dropout_p", dropout_p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"[{fn}] dropout_p: expected a probability in [0, 1], got {p}")
-    if p > 0.0:
-        raise NotImplementedError(
-            f"[{fn}] dropout_p={p}: dropout is not implemented in mtlflash (only dropout_p=0.0 is supported)"
-        )
+    if p > 0.0 and q is not None and not _is_torch(q):
+        raise NotImplementedError(f"[{fn}] dropout_p={p}: dropout needs torch tensors (its seed comes from "
+                                  f"torch's default generator); NumPy inputs support dropout_p=0.0 only")
+    return p
 
 
 def _as_int(fn, name, x):
@@ -173,7 +174,7 @@ def _device_offsets(cu, q):
 
 
 def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, softcap, alibi, want_lse,
-         block_table=None):
+         block_table=None, dropout=None):
     mps = _is_torch(q) and q.device.type == "mps"
     if mps:
         _prepare_mps(fn)
@@ -185,6 +186,8 @@ def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, s
     if block_table is not None:
         device_offsets["block_table"] = _cpu_offsets(block_table)
         device_offsets["block_table_device"] = _device_offsets(block_table, q) if mps else None
+    if dropout is not None and dropout[0] > 0:  # (p, Philox seed, offset)
+        device_offsets.update(dropout_p=dropout[0], seed=dropout[1] & (2 ** 64 - 1), offset=dropout[2] & (2 ** 64 - 1))
     try:
         out, lse, tier, stream_plan = _C.forward(*args, **device_offsets)
         if stream_plan is not None:
@@ -199,9 +202,12 @@ def _run(fn, q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window, s
     if tier == "reference":
         from . import reference
 
+        drop = {}
+        if dropout is not None and dropout[0] > 0:
+            drop = {"dropout_p": dropout[0], "rng_state": (dropout[1], dropout[2])}
         ref_out, ref_lse = reference.attention(
             q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window, softcap=softcap,
-            alibi_slopes=alibi, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, block_table=block_table,
+            alibi_slopes=alibi, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, block_table=block_table, **drop,
         )
         out = ref_out.to(q.dtype)
         lse = ref_lse if want_lse else None
@@ -229,7 +235,7 @@ def _attention(fn, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_
                dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
                block_table=None):
     """The one normalising path behind every public function."""
-    _check_dropout(fn, dropout_p)
+    dropout_p = _check_dropout(fn, dropout_p, q)
     window = _window(fn, window_size)
     causal = _as_bool(fn, "causal", causal)
     softcap = _as_float(fn, "softcap", softcap)
@@ -248,14 +254,23 @@ def _attention(fn, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_
 
     if block_table is not None and not varlen:
         raise TypeError(f"[{fn}] block_table: paged K/V needs cu_seqlens_k (the key length of each sequence)")
-    args = (fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale, causal, window, softcap,
-            alibi_slopes, return_attn_probs, block_table)
-    if _is_torch(q) and _needs_autograd(q, k, v):
-        out, lse, tier = _run_under_autograd(args)
-    else:
-        out, lse, tier = _run(*args)
+    if _is_torch(q) and (_needs_autograd(q, k, v) or _compiling()):
+        # differentiable and compilable: the mtlflash:: custom ops (mtlflash.autograd)
+        from . import autograd
 
-    if trace.ENABLED:
+        out, lse, _ = autograd.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, dropout_p, softmax_scale,
+                                         causal, window, softcap, alibi_slopes, block_table)
+        tier = autograd.last_tier[0]
+    else:
+        dropout = None
+        if dropout_p > 0:
+            from . import autograd
+
+            dropout = (dropout_p, autograd.draw_seed(), 0)
+        out, lse, tier = _run(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale, causal, window,
+                              softcap, alibi_slopes, return_attn_probs, block_table, dropout=dropout)
+
+    if trace.ENABLED and not _compiling():
         d = q.shape[-1]
         lq, lk = (max_q, max_k) if varlen else (q.shape[1], k.shape[1])
         trace.record(fn, str(q.dtype).replace("torch.", ""), d, lq, lk, causal, tier)
@@ -272,36 +287,13 @@ def _needs_autograd(q, k, v):
     return torch.is_grad_enabled()
 
 
-_forward_only = None
+def _compiling():
+    """Inside torch.compile's tracing (the custom ops then stand for the call)."""
+    import sys
 
-
-def _run_under_autograd(args):
-    """Runs a call whose inputs require grad: the output joins the graph, and backward raises
-    NotImplementedError (the backward pass is a feature of its own, not implemented yet)."""
-    global _forward_only
-    if _forward_only is None:
-        import torch
-
-        class ForwardOnly(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, q, k, v, args, box):
-                out, lse, tier = _run(*args)
-                box.append(tier)
-                if lse is not None:
-                    ctx.mark_non_differentiable(lse)
-                return out, lse
-
-            @staticmethod
-            def backward(ctx, *grads):
-                raise NotImplementedError(
-                    "mtlflash: the backward pass is not implemented yet; run the forward under "
-                    "torch.no_grad(), or train with torch.nn.functional.scaled_dot_product_attention"
-                )
-
-        _forward_only = ForwardOnly
-    box = []
-    out, lse = _forward_only.apply(args[1], args[2], args[3], args, box)
-    return out, lse, box[0]
+    torch = sys.modules.get("torch")
+    compiler = getattr(torch, "compiler", None) if torch is not None else None
+    return compiler is not None and compiler.is_compiling()
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -318,7 +310,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Dtypes: torch.float16, torch.bfloat16, torch.float32 tensors (CPU or MPS), or NumPy float16 /
         float32 arrays; q, k, v share one dtype; the output has it too (fp32 accumulation).
         NumPy in gives NumPy out (lse as float32 arrays). Any strides with a unit stride in the
-        last dimension. Head dims 1..256, Dv may differ from D.
+        last dimension. Head dims 1..576 (q/k) and 1..512 (v), Dv may differ from D.
     softmax_scale: None means ``D ** -0.5``.
     causal: bottom-right aligned, as in FlashAttention-2: query i sees key j iff
         ``j <= i + Sk - Sq``; with Sq > Sk the first Sq - Sk rows see no key. SDPA's
@@ -330,8 +322,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     alibi_slopes: fp32 (Hq,) or (B, Hq); adds ``-slope * |i + Sk - Sq - j|`` to the scaled score.
     GQA/MQA: Hk must divide Hq; query head h uses kv head ``h // (Hq // Hk)``.
     A query row that sees no key gets output 0 and lse +inf (never NaN).
-    dropout_p: only 0.0 (NotImplementedError otherwise). ``deterministic`` is accepted and
-        ignored: the forward pass is always deterministic (bitwise, for any thread count).
+    dropout_p: > 0 drops probabilities (each kept with probability 1 - p, scaled by 1 / (1 - p))
+        with a counter-based Philox mask seeded from torch's default generator.
+    ``deterministic`` is accepted and ignored: forward and backward are always deterministic
+        (bitwise identical for any thread count).
+    Differentiable (``mtlflash.autograd``): gradients flow to q, k and v, also with
+    ``return_attn_probs=True`` (lse is not differentiable).
 
     Returns out; with ``return_attn_probs=True``, ``(out, softmax_lse, S_dmask)`` where lse is the
     fp32 natural-log logsumexp (B, Hq, Sq) of each row of scaled (soft-capped, biased) scores and
@@ -341,7 +337,6 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         TypeError: an argument of the wrong type (message "[flash_attn_func] <argument>: ...").
         ValueError: wrong shapes, strides, devices or values, an unknown MTLFLASH_* setting; CUDA
             tensors (use the flash-attn package there).
-        NotImplementedError: dropout_p > 0; ``.backward()`` through the output.
         RuntimeError: a tier forced with MTLFLASH_KERNEL that cannot run the call, or a failed
             Metal launch under a forced tier.
     """

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-__all__ = ["attention", "kvcache_attention", "apply_rotary", "compare", "compare_kvcache", "Comparison"]
+__all__ = ["attention", "attention_backward", "dropout_keep", "philox_word0", "kvcache_attention", "apply_rotary", "compare", "compare_kvcache", "Comparison"]
 
 # Upper bound on the elements of one chunk of scores (heads x rows x keys).
 _CHUNK_ELEMENTS = 1 << 24
@@ -38,8 +38,9 @@ def _visible(i: torch.Tensor, j: torch.Tensor, sq: int, sk: int, causal: bool, w
     return mask
 
 
-def _one_sequence(q, k, v, *, scale, causal, window, softcap, slopes, compute_dtype, key_lo=0):
-    """q (Sq, Hq, D), k (Sk, Hk, D), v (Sk, Hk, Dv) -> out (Sq, Hq, Dv), lse (Hq, Sq)."""
+def _one_sequence(q, k, v, *, scale, causal, window, softcap, slopes, compute_dtype, key_lo=0, dropout=None):
+    """q (Sq, Hq, D), k (Sk, Hk, D), v (Sk, Hk, Dv) -> out (Sq, Hq, Dv), lse (Hq, Sq).
+    dropout: None or (p, seed, offset, sequence index): see :func:`dropout_keep`."""
     sq, hq, _ = q.shape
     sk, hk, dv = v.shape
     group = hq // hk
@@ -74,6 +75,9 @@ def _one_sequence(q, k, v, *, scale, causal, window, softcap, slopes, compute_dt
         m = torch.where(seen, m, torch.zeros_like(m))
         p = torch.exp(s - m)
         l = p.sum(dim=-1, keepdim=True)
+        if dropout is not None:  # the row sums (and lse) see every probability; out the kept ones
+            keep = dropout_keep(dropout[0], dropout[1], dropout[2], dropout[3], hq, i, j)
+            p = torch.where(keep, p * (1.0 / (1.0 - dropout[0]) if dropout[0] < 1 else 0.0), torch.zeros_like(p))
         o = torch.matmul(p.reshape(hk, group * (r1 - r0), sk), vh).reshape(hq, r1 - r0, dv)
         o = o / torch.where(seen, l, torch.ones_like(l))
         o = torch.where(seen, o, torch.zeros_like(o))
@@ -95,7 +99,7 @@ def _paged_keys(cache, table_row, length):
 
 def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
               alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, block_table=None,
-              compute_dtype=torch.float32):
+              compute_dtype=torch.float32, dropout_p=0.0, rng_state=None):
     """Reference attention.
 
     Dense: q (B, Sq, Hq, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) -> out (B, Sq, Hq, Dv),
@@ -108,7 +112,12 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
     ``compute_dtype`` is the precision of every step (float32 by default; float64 for a tighter
     oracle; the input dtype for the "naive low precision" baseline of the acceptance rule). out is
     returned in compute_dtype, lse in float32 (float64 when computing in float64). NumPy arrays
-    are accepted and converted.
+    are accepted and converted. Differentiable with torch autograd (the naive baseline of the
+    backward's acceptance rule).
+
+    Dropout: ``dropout_p`` > 0 with ``rng_state`` (seed, offset) drops each probability where
+    :func:`dropout_keep` says (the generator of the C core) and scales the rest by 1 / (1 - p);
+    lse is that of the undropped scores.
     """
     import numpy as np
 
@@ -149,7 +158,8 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
         else:
             qs, ks, vs = q[b], k[b], v[b]
         o, l = _one_sequence(qs, ks, vs, scale=scale, causal=causal, window=window, softcap=float(softcap),
-                             slopes=slopes, compute_dtype=compute_dtype)
+                             slopes=slopes, compute_dtype=compute_dtype,
+                             dropout=_dropout_arg(dropout_p, rng_state, b))
         if varlen:
             out[cq[b]:cq[b + 1]] = o
             lse[:, cq[b]:cq[b + 1]] = l
@@ -258,6 +268,183 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rota
     return out, lse, k_cache, v_cache
 
 
+# --- dropout: the counter-based generator of the C core (csrc/cpu/philox.h) ---------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mulhilo(a, m):
+    """(hi, lo) 32-bit halves of a * m for int64 tensors a in [0, 2^32) and a constant m < 2^32,
+    without int64 overflow (a is split into 16-bit halves)."""
+    al, ah = a & 0xFFFF, a >> 16
+    x = al * m  # < 2^48
+    y = ah * m  # < 2^48; a * m = x + y * 2^16
+    s = (x & _M32) + ((y & 0xFFFF) << 16)
+    lo = s & _M32
+    hi = ((x >> 32) + (y >> 16) + (s >> 32)) & _M32
+    return hi, lo
+
+
+def philox_word0(c0, c1, c2, c3, k0, k1):
+    """Word 0 of Philox4x32-10 for int64 tensors (or ints) holding 32-bit counters c0..c3 and key
+    k0, k1; broadcasting like any elementwise op."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
+    k0, k1 = int(k0) & _M32, int(k1) & _M32
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+        hi0, lo0 = _mulhilo(c0, 0xD2511F53)
+        hi1, lo1 = _mulhilo(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0
+
+
+def dropout_keep(p, seed, offset, b, heads, rows, keys):
+    """Boolean (heads, len(rows), len(keys)) mask of kept probabilities of sequence b for query
+    heads 0..heads-1, rows and keys of that sequence (int tensors): the draw of element
+    (b, h, i, j) is word 0 of Philox4x32-10 with key (seed low, seed high 32 bits) and counter
+    (j, i, b + (offset >> 32), h + (offset & 0xffffffff)); kept iff draw >= floor(p * 2^32)."""
+    seed, offset = int(seed) & ((1 << 64) - 1), int(offset) & ((1 << 64) - 1)
+    thr = math.floor(p * 4294967296.0)
+    dev = rows.device
+    h = (torch.arange(heads, dtype=torch.int64, device=dev) + (offset & _M32)) & _M32
+    u = philox_word0(keys.to(torch.int64)[None, None, :] & _M32, rows.to(torch.int64)[None, :, None] & _M32,
+                     (b + (offset >> 32)) & _M32, h[:, None, None], seed & _M32, seed >> 32)
+    if thr >= 4294967296:
+        return torch.zeros(u.shape, dtype=torch.bool, device=dev)
+    return u >= thr
+
+
+def _dropout_arg(dropout_p, rng_state, b):
+    if not dropout_p:
+        return None
+    if rng_state is None:
+        raise ValueError("reference: dropout_p > 0 needs rng_state (seed, offset)")
+    seed, offset = (int(x) for x in (rng_state.tolist() if isinstance(rng_state, torch.Tensor) else rng_state))
+    return (float(dropout_p), seed, offset, b)
+
+
+# --- the backward pass ---------------------------------------------------------------------------
+
+def _one_sequence_backward(do, q, k, v, o, lse, *, scale, causal, window, softcap, slopes, compute_dtype,
+                           dropout=None):
+    """FlashAttention-2's backward equations on one sequence, one chunk of query rows at a time:
+    q (Sq, Hq, D), k (Sk, Hk, D), v (Sk, Hk, Dv), do/o (Sq, Hq, Dv), lse (Hq, Sq) ->
+    dq, dk, dv (compute_dtype), delta (Hq, Sq)."""
+    sq, hq, d = q.shape
+    sk, hk, dv_ = v.shape
+    group = hq // hk
+    dev = q.device
+    cd = compute_dtype
+    dq = torch.zeros(sq, hq, d, dtype=cd, device=dev)
+    dk = torch.zeros(hk, sk, d, dtype=cd, device=dev)
+    dv = torch.zeros(hk, sk, dv_, dtype=cd, device=dev)
+    delta = (do.to(cd) * o.to(cd)).sum(-1).t().contiguous() if sq else torch.zeros(hq, 0, dtype=cd, device=dev)
+    if sq == 0 or sk == 0:
+        return dq, dk.permute(1, 0, 2), dv.permute(1, 0, 2), delta
+    qh = q.to(cd).permute(1, 0, 2).reshape(hk, group, sq, d)
+    doh = do.to(cd).permute(1, 0, 2).reshape(hk, group, sq, dv_)
+    kh = k.to(cd).permute(1, 0, 2)
+    vh = v.to(cd).permute(1, 0, 2)
+    lse_c = lse.to(cd)
+    j = torch.arange(sk, device=dev)
+    rows = max(1, min(sq, _CHUNK_ELEMENTS // max(1, hq * sk)))
+    for r0 in range(0, sq, rows):
+        r1 = min(sq, r0 + rows)
+        n = r1 - r0
+        i = torch.arange(r0, r1, device=dev)
+        qc = qh[:, :, r0:r1].reshape(hk, group * n, d)
+        doc = doh[:, :, r0:r1].reshape(hk, group * n, dv_)
+        x = (torch.matmul(qc, kh.transpose(1, 2)) * scale).reshape(hq, n, sk)  # scaled scores
+        s = x
+        if softcap > 0:
+            t = torch.tanh(x / softcap)
+            s = softcap * t
+        if slopes is not None:
+            dist = (i[:, None] + (sk - sq) - j[None, :]).abs().to(cd)
+            s = s - slopes.to(cd)[:, None, None] * dist[None]
+        mask = _visible(i, j, sq, sk, causal, window)
+        lc = lse_c[:, r0:r1, None]
+        p = torch.where(mask[None] & torch.isfinite(lc), torch.exp(s - torch.where(torch.isfinite(lc), lc, 0)), 0.0)
+        z = None
+        if dropout is not None:
+            keep = dropout_keep(dropout[0], dropout[1], dropout[2], dropout[3], hq, i, j)
+            z = torch.where(keep, torch.full((), 1.0 / (1.0 - dropout[0]) if dropout[0] < 1 else 0.0,
+                                             dtype=cd, device=dev), torch.zeros((), dtype=cd, device=dev))
+        pz = p if z is None else p * z
+        dv += torch.matmul(_group_t(pz, hk, group, n, sk), doc)
+        dp = torch.matmul(doc, vh.transpose(1, 2)).reshape(hq, n, sk)
+        if z is not None:
+            dp = dp * z
+        ds = p * (dp - delta[:, r0:r1, None])
+        if softcap > 0:
+            ds = ds * (1 - t * t)
+        dsg = ds.reshape(hk, group * n, sk)
+        dq[r0:r1] = (torch.matmul(dsg, kh) * scale).reshape(hq, n, d).permute(1, 0, 2)
+        dk += torch.matmul(_group_t(ds, hk, group, n, sk), qc) * scale
+    return dq, dk.permute(1, 0, 2), dv.permute(1, 0, 2), delta
+
+
+def _group_t(x, hk, group, n, sk):
+    """(Hq, n, Sk) -> (Hk, Sk, group * n): the transposed rows of a kv head's query heads side by side."""
+    return x.reshape(hk, group * n, sk).transpose(1, 2)
+
+
+def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False, window_size=(-1, -1),
+                       softcap=0.0, alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_p=0.0,
+                       rng_state=None, compute_dtype=torch.float32):
+    """The reference backward pass (FlashAttention-2's equations, chunked over query rows: memory
+    O(rows x Sk) per chunk, never the whole score matrix of a long sequence).
+
+    Takes the forward's inputs (layouts as :func:`attention`), its out and lse, and dout. Returns
+    (dq, dk, dv, softmax_d) with the gradients in compute_dtype and softmax_d = rowsum(dout * out)
+    of lse's shape. Rows that see no key get zero gradients. With compute_dtype=float64 it is the
+    oracle of the backward's acceptance rule; in float32 it is the ``reference`` tier's backward
+    (MPS tensors).
+    """
+    import numpy as np
+
+    def as_t(x):
+        return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+    dout, q, k, v, out, lse = (as_t(x) for x in (dout, q, k, v, out, lse))
+    alibi_slopes = as_t(alibi_slopes)
+    d = q.shape[-1]
+    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
+    window = (int(window_size[0]), int(window_size[1]))
+    dq = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=compute_dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=compute_dtype, device=q.device)
+    delta = torch.zeros(lse.shape, dtype=torch.float32 if compute_dtype != torch.float64 else torch.float64,
+                        device=q.device)
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        cq = [int(x) for x in as_t(cu_seqlens_q).tolist()]
+        ck = [int(x) for x in as_t(cu_seqlens_k).tolist()]
+        batch = len(cq) - 1
+    else:
+        batch = q.shape[0]
+    for b in range(batch):
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
+        if varlen:
+            sl_q, sl_k = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+            args = (dout[sl_q], q[sl_q], k[sl_k], v[sl_k], out[sl_q], lse[:, sl_q])
+        else:
+            args = (dout[b], q[b], k[b], v[b], out[b], lse[b])
+        g = _one_sequence_backward(*args, scale=scale, causal=causal, window=window, softcap=float(softcap),
+                                   slopes=slopes, compute_dtype=compute_dtype,
+                                   dropout=_dropout_arg(dropout_p, rng_state, b))
+        if varlen:
+            dq[sl_q], dk[sl_k], dv[sl_k] = g[0], g[1], g[2]
+            delta[:, sl_q] = g[3].to(delta.dtype)
+        else:
+            dq[b], dk[b], dv[b] = g[0], g[1], g[2]
+            delta[b] = g[3].to(delta.dtype)
+    return dq, dk, dv, delta
+
+
 # --- the numerical acceptance rule ---------------------------------------------------------------
 
 FP32_TOL = 5e-5  # fp32 inputs: tolerance against the fp64 reference, relative to max(1, max|ref|)
@@ -364,4 +551,73 @@ def _check(out, lse, dtype, ref_fn, factor=2.0) -> Comparison:
         res.err_lse = _max_abs(lse[~empty], ref_lse[~empty])
         if not res.err_lse <= res.bound_lse:
             res.problems.append(f"lse error {res.err_lse:.3g} exceeds the bound {res.bound_lse:.3g}")
+    return res
+
+
+# --- the acceptance rule for gradients -------------------------------------------------------------
+
+FP32_GRAD_TOL = 1e-4  # fp32 inputs: gradient tolerance against fp64, relative to max(1, max|ref|)
+
+
+class GradComparison:
+    """Result of :func:`compare_backward`: ``ok``, per-gradient (error, bound), and what failed."""
+
+    def __init__(self):
+        self.problems = []
+        self.errors = {}
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __repr__(self):
+        state = "ok" if self.ok else "; ".join(self.problems)
+        errs = ", ".join(f"{n} {e:.3g} <= {b:.3g}" for n, (e, b) in self.errors.items())
+        return f"GradComparison({state}; {errs})"
+
+
+def compare_backward(grads, dout, q, k, v, *, factor=2.0, **options) -> GradComparison:
+    """Checks (dq, dk, dv) of an attention call against this reference by FlashAttention-2's rule.
+
+    ``ref``: :func:`attention_backward` in fp64 from the same inputs, out and lse (out and lse of the
+    fp64 forward). Low-precision inputs: ``max|g - ref| <= factor * max|naive - ref| + LOWP_SLACK``
+    + ulp(max|ref|) per gradient (the rounding of the result to the input dtype), ``naive`` being torch autograd through :func:`attention` computed entirely in the
+    input dtype (a plain matmul-softmax-matmul). fp32 inputs: ``max|g - ref| <= FP32_GRAD_TOL *
+    max(1, max|ref|)``. Gradients must have the inputs' shapes and dtype and no NaN. ``options``
+    are those of :func:`attention` (dropout_p and rng_state included)."""
+    grads = [_cpu(g) for g in grads]
+    dout, q, k, v = (_cpu(x) for x in (dout, q, k, v))
+    options = {key: _cpu(val) for key, val in options.items()}
+    res = GradComparison()
+    o64, l64 = attention(q, k, v, compute_dtype=torch.float64, **options)
+    bwd_opts = {key: val for key, val in options.items() if key != "block_table"}
+    ref = attention_backward(dout, q, k, v, o64, l64, compute_dtype=torch.float64, **bwd_opts)[:3]
+    naive = None
+    if q.dtype != torch.float32:
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        o, _ = attention(*leaves, compute_dtype=q.dtype, **options)
+        naive = (torch.autograd.grad(o, leaves, dout.to(o.dtype), allow_unused=True) if o.requires_grad
+                 else [None] * 3)  # e.g. no query rows at all
+        naive = [torch.zeros_like(x) if g is None else g for g, x in zip(naive, leaves)]
+    for idx, (name, g, x) in enumerate(zip(("dq", "dk", "dv"), grads, (q, k, v))):
+        r = ref[idx]
+        if tuple(g.shape) != tuple(x.shape):
+            res.problems.append(f"{name} shape {tuple(g.shape)} != {tuple(x.shape)}")
+            continue
+        if g.dtype != x.dtype:
+            res.problems.append(f"{name} dtype {g.dtype} != input dtype {x.dtype}")
+        if torch.isnan(g).any():
+            res.problems.append(f"{name} has NaN")
+        if naive is None:
+            bound = FP32_GRAD_TOL * max(1.0, _max_abs(r, torch.zeros_like(r)))
+        else:
+            # slack: LOWP_SLACK plus one unit in the last place of the input dtype at the gradient's
+            # largest magnitude (the unavoidable rounding of the result, which on tiny problems can
+            # exceed a naive computation that happens to round luckily)
+            bound = factor * _max_abs(naive[idx], r) + LOWP_SLACK + torch.finfo(x.dtype).eps * _max_abs(
+                r, torch.zeros_like(r))
+        err = _max_abs(g, r)
+        res.errors[name] = (err, bound)
+        if not err <= bound:
+            res.problems.append(f"{name} error {err:.3g} exceeds the bound {bound:.3g}")
     return res

@@ -18,7 +18,8 @@ Eligible (all must hold, otherwise the original runs):
   flash_attn's bottom-right; they agree only when Lq == Lk);
 * key and value have the same number of heads; if Hq != Hk, ``enable_gqa=True`` and
   Hq % Hk == 0 (without enable_gqa the original raises its own error);
-* no input requires grad while grad mode is on (mtlflash has no backward yet);
+* inputs that require grad are eligible: the output joins autograd through mtlflash's backward
+  (the cpu tier, or the reference backward in torch on MPS);
 * not under ``torch.compile`` tracing, TorchScript tracing, or autocast for the device;
 * Lq > 0 and Lk > 0.
 
@@ -209,8 +210,6 @@ def _route_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
         return "layout"
     if query.is_nested or key.is_nested or value.is_nested:
         return "nested"
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return "grad"
     B, Hq, Lq, D = query.shape
     Bk, Hk, Lk, Dk = key.shape
     Bv, Hv, Lv, Dv = value.shape

@@ -2,8 +2,7 @@
 
 When no real flash_attn is installed and the shim is active, ``import flash_attn`` loads
 this package under the name ``flash_attn``: the FlashAttention-2 functions run on mtlflash
-(Metal on an Apple GPU, the C backend on the CPU). Only forward passes exist; dropout and
-backward raise NotImplementedError. Everything here imports mtlflash by absolute name and
+(Metal on an Apple GPU, the C backend on the CPU), forward and backward, with dropout. Everything here imports mtlflash by absolute name and
 its own submodules by relative name, so it works under either package name.
 """
 

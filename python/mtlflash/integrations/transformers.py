@@ -24,8 +24,9 @@ so results never depend on what mtlflash supports):
   see no key give 0, as torch's SDPA does;
 * softcap (mtlflash supports it; transformers' sdpa does not, so a softcap call that
   mtlflash cannot serve raises ValueError);
-* inference only: dropout > 0, inputs that need grad, position_bias and paged caches go to
-  sdpa.
+* training too: inputs that need grad are differentiable through mtlflash's backward, and
+  attention dropout (``attention_dropout`` > 0 in training mode) runs as mtlflash's dropout;
+  position_bias and paged caches go to sdpa.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def _mask_plan(mask, bsz, lq, lk):
     return starts_l, ends_l, rights
 
 
-def _run_masked(query, key, value, plan, scaling, softcap):
+def _run_masked(query, key, value, plan, scaling, softcap, dropout=0.0):
     """Run attention per group of batch rows sharing a window right edge (varlen)."""
     import torch
     import mtlflash
@@ -201,6 +202,7 @@ def _run_masked(query, key, value, plan, scaling, softcap):
             causal=causal,
             window_size=window,
             softcap=softcap,
+            dropout_p=dropout,
         )
         out.index_copy_(0, idx, og.reshape(len(rows), lq, hq, dv))
     return out
@@ -212,7 +214,7 @@ def _reason(module, query, key, value, attention_mask, dropout, kwargs):
     T = torch.Tensor
     if type(query) is not T or type(key) is not T or type(value) is not T:
         return "subclass"
-    if dropout:
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
         return "dropout"
     if kwargs.get("position_bias") is not None:
         return "position_bias"
@@ -226,8 +228,6 @@ def _reason(module, query, key, value, attention_mask, dropout, kwargs):
         return "dtype"
     if key.dtype != query.dtype or value.dtype != query.dtype:
         return "dtype"
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return "grad"
     if query.shape[1] % key.shape[1] != 0:
         return "heads"
     if query.shape[-1] > 256 or value.shape[-1] > 256:
@@ -262,7 +262,7 @@ def attention_forward(
     if reason is None:
         try:
             out, reason = _forward_mtlflash(
-                query, key, value, attention_mask, scaling, causal_flag, softcap, sliding_window
+                query, key, value, attention_mask, scaling, causal_flag, softcap, sliding_window, dropout
             )
         except Exception as exc:
             out, reason = None, "fallback:" + type(exc).__name__
@@ -281,7 +281,7 @@ def attention_forward(
     )
 
 
-def _forward_mtlflash(query, key, value, attention_mask, scaling, causal_flag, softcap, sliding_window):
+def _forward_mtlflash(query, key, value, attention_mask, scaling, causal_flag, softcap, sliding_window, dropout=0.0):
     """(output, None) when mtlflash served the call, else (None, reason)."""
     import mtlflash
 
@@ -306,10 +306,11 @@ def _forward_mtlflash(query, key, value, attention_mask, scaling, causal_flag, s
             softmax_scale=scaling,
             causal=causal,
             softcap=softcap,
+            dropout_p=float(dropout),
         )
         return out.contiguous(), None
     plan = _mask_plan(attention_mask, query.shape[0], lq, lk)
     if plan is None:
         return None, "mask"
-    out = _run_masked(query, key, value, plan, scaling, softcap)
+    out = _run_masked(query, key, value, plan, scaling, softcap, float(dropout))
     return out, None
