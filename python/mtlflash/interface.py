@@ -337,6 +337,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         TypeError: an argument of the wrong type (message "[flash_attn_func] <argument>: ...").
         ValueError: wrong shapes, strides, devices or values, an unknown MTLFLASH_* setting; CUDA
             tensors (use the flash-attn package there).
+        NotImplementedError: dropout_p > 0 on NumPy arrays (the dropout seed comes from torch's
+            generator).
         RuntimeError: a tier forced with MTLFLASH_KERNEL that cannot run the call, or a failed
             Metal launch under a forced tier.
     """
