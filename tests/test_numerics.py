@@ -6,15 +6,7 @@ import pytest
 import torch
 
 import mtlflash
-from numerics import check_against_reference
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def make(shape, dtype, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
+from numerics import DTYPES, WINDOWS, check_against_reference, make, varlen_inputs
 
 def run_dense(B, Sq, Sk, Hq, Hk, D, Dv, dtype, seed=0, **opts):
     q = make((B, Sq, Hq, D), dtype, seed)
@@ -55,7 +47,6 @@ def test_gqa_mqa(hq, hk, causal):
     run_dense(2, 50, 77, hq, hk, 64, 64, torch.bfloat16, seed=hq * 10 + hk, causal=causal)
 
 
-WINDOWS = [(-1, 0), (0, 0), (16, -1), (-1, 16), (8, 8), (3, 5), (0, -1), (200, 300)]
 
 
 @pytest.mark.parametrize("window", WINDOWS)
@@ -131,15 +122,6 @@ def test_all_options_together():
 
 
 # --- varlen ---------------------------------------------------------------------------------
-
-def varlen_inputs(lens_q, lens_k, hq, hk, d, dv, dtype, seed=0, extra_rows=0):
-    cu_q = torch.tensor([0] + list(np.cumsum(lens_q)), dtype=torch.int32)
-    cu_k = torch.tensor([0] + list(np.cumsum(lens_k)), dtype=torch.int32)
-    q = make((int(cu_q[-1]) + extra_rows, hq, d), dtype, seed)
-    k = make((int(cu_k[-1]), hk, d), dtype, seed + 1)
-    v = make((int(cu_k[-1]), hk, dv), dtype, seed + 2)
-    return q, k, v, cu_q, cu_k
-
 
 VARLEN = [
     ([5, 0, 1, 130, 64], [7, 3, 0, 100, 64]),
