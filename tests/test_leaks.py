@@ -147,3 +147,47 @@ def test_rss_stable_over_large_calls(kind):
     grown = _rss_bytes() - rss0
     # leaking the output alone would add n * 2 MiB = 80 MiB; allow allocator noise
     assert grown < 8 * out_bytes, f"resident memory grew by {grown / 2**20:.1f} MiB over {n} calls"
+
+
+def test_refcounts_stable_over_many_kvcache_calls():
+    """flash_attn_with_kvcache: the caches, index tensors, rotary tables and outputs (q_rot, which
+    the call allocates and drops, included) keep their counts over successful and refused calls."""
+    f = mtlflash.flash_attn_with_kvcache
+    g = torch.Generator().manual_seed(0)
+    q, kn, vn = torch.randn(2, 2, 4, 16, generator=g), torch.randn(2, 2, 2, 16, generator=g), torch.randn(2, 2, 2, 16, generator=g)
+    kc, vc = torch.randn(9, 4, 2, 16, generator=g), torch.randn(9, 4, 2, 16, generator=g)
+    table = torch.randperm(9, generator=g)[:8].reshape(2, 4).int()
+    lens, pad = torch.tensor([3, 10], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32)
+    cos, sin = torch.rand(32, 4, generator=g), torch.rand(32, 4, generator=g)
+    lens64 = lens.long()
+    watched = [q, kn, vn, kc, vc, table, lens, pad, cos, sin, lens64, torch.int32, torch.float32]
+    failing = [
+        (lambda: f(q, kc, vc, kn, vn, cache_seqlens=lens64, block_table=table), TypeError),
+        (lambda: f(q, kc, vc, kn, vn, cache_seqlens=lens + 20, block_table=table), ValueError),
+        (lambda: f(q, kc, vc, kn, None, cache_seqlens=lens, block_table=table), ValueError),
+    ]
+
+    def one_round(i):
+        out, lse = f(q, kc, vc, kn, vn, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens, cache_leftpad=pad,
+                     block_table=table, causal=True, return_softmax_lse=True)
+        assert sys.getrefcount(out) == 2 and sys.getrefcount(lse) == 2
+        call, exc = failing[i % len(failing)]
+        try:
+            call()
+        except exc:
+            pass
+        else:
+            raise AssertionError("a failing call succeeded")
+
+    def live_tensors():
+        return sum(type(o) is torch.Tensor for o in gc.get_objects())
+
+    for i in range(3 * len(failing)):
+        one_round(i)
+    gc.collect()
+    before, tensors = _counts(watched), live_tensors()
+    for i in range(N_CALLS // 5):
+        one_round(i)
+    gc.collect()
+    assert _counts(watched) == before
+    assert live_tensors() <= tensors  # no output (or q_rot) outlives its call
