@@ -136,3 +136,19 @@ def test_core_records_its_calls():
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["float32", "16", "5", "5", "True", "1"]
     assert "mtlflash trace" in r.stderr
+
+
+def test_kvcache_calls_are_traced(clean_trace):
+    import torch
+
+    import mtlflash
+
+    trace.ENABLED = True
+    q = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.randn(6, 8, 2, 16), torch.randn(6, 8, 2, 16)
+    table = torch.arange(6, dtype=torch.int32).reshape(2, 3)
+    mtlflash.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([5, 9], dtype=torch.int32),
+                                     block_table=table, causal=True)
+    rows = trace.summary()
+    assert rows == [{"entry": "flash_attn_with_kvcache", "dtype": "float32", "head_dim": 16, "seqlen_q": 1,
+                     "seqlen_k": 24, "causal": True, "tier": "cpu", "calls": 1}]
