@@ -365,7 +365,6 @@ static int build_kv_layout(mf_problem *pb, const mf_inputs *in, const mf_options
         }
     }
     if (opt->kvcache) p->seqlen_k = (mf_i32)max_sk;
-    (void)Sq;
     return MF_OK;
 }
 

@@ -232,7 +232,7 @@ static void unit_init(const job *jb, int64_t unit, int worker, int slot, ustate 
     const mf_params *p = &pb->p;
     const mf_cpu_kernels *kn = jb->kern;
     const int64_t es = (int64_t)jb->esize;
-    const int D = p->head_dim, Dv = p->head_dim_v, dvp = jb->dvp, cp = jb->cp;
+    const int D = p->head_dim, dvp = jb->dvp, cp = jb->cp;
     const int64_t item = unit / jb->splits;
     const int split = (int)(unit % jb->splits);
     item_desc *it = &u->it;
@@ -303,8 +303,6 @@ static void unit_init(const job *jb, int64_t unit, int worker, int slot, ustate 
         const int64_t last = u->ke < u->ks + jb->bn - 1 ? u->ke : u->ks + jb->bn - 1;
         prefetch_keys(jb, it->b, u->hk, it->start_k, u->ks, last);
     }
-    (void)es;
-    (void)Dv;
 }
 
 /* the tile of keys starting at j0 (ks <= j0 <= ke) */
