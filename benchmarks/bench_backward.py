@@ -235,39 +235,9 @@ def plots(res, out):
     peak = res["peak"]["fma_gflops_best"]
     colors = {"mtlflash": "tab:blue", "torch_sdpa": "tab:orange"}
     labels = {"mtlflash": "mtlflash backward", "torch_sdpa": "torch SDPA backward"}
-    for dtype in ("float32", "bfloat16", "float16"):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 5.0), sharey=True)
-        for ax, D in zip(axes, (64, 128)):
-            for causal, style in ((False, "-"), (True, "--")):
-                rows = [r for r in res["backward"] if r["dtype"] == dtype and r["D"] == D and r["causal"] == causal]
-                for impl in ("mtlflash", "torch_sdpa"):
-                    pts = [(r["L"], r[impl]["gflops"]) for r in rows]
-                    if pts:
-                        ax.plot(*zip(*pts), style, marker="o", color=colors[impl],
-                                label=f"{labels[impl]}{', causal' if causal else ''}")
-            ax.axhline(peak, color="black", lw=0.8)
-            ax.axhline(0.6 * peak, color="black", lw=0.8, ls=":")
-            tr = ax.get_yaxis_transform()
-            ax.text(0.01, peak * 0.98, f"FMA peak {peak:.0f}", va="top", fontsize=8, transform=tr)
-            ax.text(0.01, 0.6 * peak * 0.98, "60% of peak", va="top", fontsize=8, transform=tr)
-            ls = sorted({r["L"] for r in res["backward"]})
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(ls)
-            ax.set_xticklabels([str(x) for x in ls])
-            ax.set_title(f"{dtype}, B=1, H=16, D={D}")
-            ax.set_xlabel("sequence length")
-            ax.set_ylim(0, peak * 1.08)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("GFLOP/s (2.5 x forward FLOPs)")
-        handles, names = axes[0].get_legend_handles_labels()
-        fig.legend(handles, names, fontsize=8, loc="lower center", ncol=2, frameon=False)
-        fig.suptitle(f"CPU backward, {res['machine']['threads']} threads, {res['machine']['cpu']} "
-                     "(solid: non-causal, dashed: causal)", fontsize=10)
-        fig.tight_layout(rect=(0, 0.12, 1, 1))
-        path = os.path.join(out, f"backward_{dtype}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        log(f"wrote {path}")
+    bench_cpu.gflops_figures(plt, res["backward"], colors, labels, peak, 0.6, "GFLOP/s (2.5 x forward FLOPs)",
+                             f"CPU backward, {res['machine']['threads']} threads, {res['machine']['cpu']}",
+                             os.path.join(out, "backward_{dtype}.png"), ncol=2)
 
 
 if __name__ == "__main__":

@@ -590,6 +590,41 @@ def _length_axis(ax, values):
     ax.minorticks_off()
 
 
+def gflops_figures(plt, rows, colors, labels, peak, target, ylabel, title, path_fmt, ncol):
+    """One figure per dtype (D=64 and D=128 side by side) of GFLOP/s against sequence length for
+    the implementations in colors (rows: dicts with dtype, D, causal, L and per implementation
+    {"gflops"}), with the FMA peak and `target` x peak drawn; saved to path_fmt.format(dtype=...)."""
+    for dtype in ("float32", "bfloat16", "float16"):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 5.0), sharey=True)
+        for ax, D in zip(axes, (64, 128)):
+            sel = [r for r in rows if r["dtype"] == dtype and r["D"] == D]
+            for causal, style in ((False, "-"), (True, "--")):
+                for impl in colors:
+                    pts = [(r["L"], r[impl]["gflops"]) for r in sel if r["causal"] == causal and impl in r]
+                    if pts:
+                        ax.plot(*zip(*pts), style, marker="o", color=colors[impl],
+                                label=f"{labels[impl]}{', causal' if causal else ''}")
+            ax.axhline(peak, color="black", lw=0.8)
+            ax.axhline(target * peak, color="black", lw=0.8, ls=":")
+            tr = ax.get_yaxis_transform()
+            ax.text(0.01, peak * 0.98, f"FMA peak {peak:.0f}", va="top", fontsize=8, transform=tr)
+            ax.text(0.01, target * peak * 0.98, f"{target * 100:.0f}% of peak", va="top", fontsize=8, transform=tr)
+            _length_axis(ax, sorted({r["L"] for r in rows}))
+            ax.set_title(f"{dtype}, B=1, H=16, D={D}")
+            ax.set_xlabel("sequence length")
+            ax.set_ylim(0, peak * 1.08)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(ylabel)
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, fontsize=8, loc="lower center", ncol=ncol, frameon=False)
+        fig.suptitle(f"{title} (solid: non-causal, dashed: causal)", fontsize=10)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        path = path_fmt.format(dtype=dtype)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        log(f"wrote {path}")
+
+
 def plots(res, out):
     try:
         import matplotlib
@@ -602,36 +637,9 @@ def plots(res, out):
     peak = res["peak"].get("fma_gflops_best", res["peak"]["fma_gflops"])
     colors = {"mtlflash": "tab:blue", "torch_sdpa": "tab:orange", "naive": "tab:gray"}
     labels = {"mtlflash": "mtlflash", "torch_sdpa": "torch SDPA", "naive": "naive (matmul-softmax-matmul)"}
-    for dtype in ("float32", "bfloat16", "float16"):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 5.0), sharey=True)
-        for ax, D in zip(axes, (64, 128)):
-            for causal, style in ((False, "-"), (True, "--")):
-                rows = [r for r in res["prefill"] if r["dtype"] == dtype and r["D"] == D and r["causal"] == causal]
-                for impl in ("mtlflash", "torch_sdpa", "naive"):
-                    pts = [(r["L"], r[impl]["gflops"]) for r in rows if impl in r]
-                    if pts:
-                        ax.plot(*zip(*pts), style, marker="o", color=colors[impl],
-                                label=f"{labels[impl]}{', causal' if causal else ''}")
-            ax.axhline(peak, color="black", lw=0.8)
-            ax.axhline(0.8 * peak, color="black", lw=0.8, ls=":")
-            tr = ax.get_yaxis_transform()
-            ax.text(0.01, peak * 0.98, f"FMA peak {peak:.0f}", va="top", fontsize=8, transform=tr)
-            ax.text(0.01, 0.8 * peak * 0.98, "80% of peak", va="top", fontsize=8, transform=tr)
-            _length_axis(ax, sorted({r["L"] for r in rows}))
-            ax.set_title(f"{dtype}, B=1, H=16, D={D}")
-            ax.set_xlabel("sequence length")
-            ax.set_ylim(0, peak * 1.08)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("GFLOP/s (4·B·H·L²·D, halved for causal)")
-        handles, names = axes[0].get_legend_handles_labels()
-        fig.legend(handles, names, fontsize=8, loc="lower center", ncol=3, frameon=False)
-        fig.suptitle(f"CPU forward, {res['machine']['threads']} threads, {res['machine']['cpu']} "
-                     "(solid: non-causal, dashed: causal)", fontsize=10)
-        fig.tight_layout(rect=(0, 0.12, 1, 1))
-        path = os.path.join(out, f"cpu_prefill_{dtype}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        log(f"wrote {path}")
+    gflops_figures(plt, res["prefill"], colors, labels, peak, 0.8, "GFLOP/s (4·B·H·L²·D, halved for causal)",
+                   f"CPU forward, {res['machine']['threads']} threads, {res['machine']['cpu']}",
+                   os.path.join(out, "cpu_prefill_{dtype}.png"), ncol=3)
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for impl in ("mtlflash", "torch_sdpa", "naive"):
