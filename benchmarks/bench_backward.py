@@ -224,13 +224,8 @@ def markdown(res):
 
 
 def plots(res, out):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: skipping the plots (pip install matplotlib)")
+    plt = bench_cpu.pyplot()
+    if plt is None:
         return
     peak = res["peak"]["fma_gflops_best"]
     colors = {"mtlflash": "tab:blue", "torch_sdpa": "tab:orange"}

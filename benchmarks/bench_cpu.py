@@ -590,6 +590,19 @@ def _length_axis(ax, values):
     ax.minorticks_off()
 
 
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None (with a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: skipping the plots (pip install matplotlib)")
+        return None
+    return plt
+
+
 def gflops_figures(plt, rows, colors, labels, peak, target, ylabel, title, path_fmt, ncol):
     """One figure per dtype (D=64 and D=128 side by side) of GFLOP/s against sequence length for
     the implementations in colors (rows: dicts with dtype, D, causal, L and per implementation
@@ -626,13 +639,8 @@ def gflops_figures(plt, rows, colors, labels, peak, target, ylabel, title, path_
 
 
 def plots(res, out):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: skipping the plots (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     peak = res["peak"].get("fma_gflops_best", res["peak"]["fma_gflops"])
     colors = {"mtlflash": "tab:blue", "torch_sdpa": "tab:orange", "naive": "tab:gray"}

@@ -232,13 +232,8 @@ def markdown(res):
 
 
 def plot(res, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib missing: no plot (pip install matplotlib)")
+    plt = bench_cpu.pyplot()
+    if plt is None:
         return
     rows = res["rows"]
     read = res["machine"]["read_gbs"]
